@@ -1,0 +1,20 @@
+"""Shared test configuration: datasets come from ../shared/data, never the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+if "VEIL_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["VEIL_DATA_DIR"] = str(SHARED_DATA)
+
+settings.register_profile(
+    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
