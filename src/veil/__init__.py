@@ -17,8 +17,13 @@ from veil._errors import (
     WorkerMismatch,
     WorkerUnavailable,
 )
+from veil.pointers import PointerTensor, call, get, move, remote_function, send
+from veil.pointers._methods import install as _install_methods
+from veil.workers import VirtualWorker, Worker
 
 __version__ = "0.1.0"
+
+_install_methods()
 
 __all__ = [
     "AuthenticationError",
@@ -27,14 +32,22 @@ __all__ = [
     "LimitExceeded",
     "ObjectNotFound",
     "PermissionDenied",
+    "PointerTensor",
     "PrecisionOverflow",
     "PrivacyBudgetExceeded",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
     "VeilError",
+    "VirtualWorker",
+    "Worker",
     "WorkerMismatch",
     "WorkerUnavailable",
     "__version__",
+    "call",
     "datasets",
+    "get",
+    "move",
+    "remote_function",
+    "send",
 ]

@@ -1,0 +1,430 @@
+"""PointerTensor: a local stand-in for a tensor that lives on a worker.
+
+A pointer is a ``torch.Tensor`` wrapper subclass on the meta device: it reports the remote
+tensor's shape, dtype and ``requires_grad``, so torch code (``nn.Module``, optimizers)
+accepts it, but it holds no data. Its ``__torch_function__`` turns every torch call into one
+command for the worker that holds the arguments; the call runs there for real, autograd
+included, and returns pointers to its results.
+
+Commands are pipelined: their results are named by the caller (fresh 128-bit ids), so nothing
+waits for the worker until a value is needed (``.get()``, a Python scalar, a search). The
+first error of a pipelined command surfaces then, naming the failing operation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from veil._errors import CommandNotAllowed, ProtocolError, SerializationError, WorkerMismatch
+from veil.pointers import _meta
+from veil.serde import GradRef, Ref
+from veil.workers._allowlist import describe, register_function, wire_name
+from veil.workers._base import Worker, new_id
+from veil.workers._messages import DeleteObjects, ExecuteCommand, FetchObject, MoveObject, Query
+
+_DISABLE = torch._C.DisableTorchFunctionSubclass
+
+
+def _seq_item(seq: Any, index: int) -> Any:
+    """The ``index``-th result of a command whose result was a sequence (on the worker)."""
+    if not isinstance(seq, (tuple, list)) or type(index) is not int:
+        raise TypeError("veil.seq_item needs a tuple or list and an int")
+    return seq[index]
+
+
+register_function("veil.seq_item", _seq_item)
+
+
+class PointerTensor(torch.Tensor):
+    """A tensor that lives on ``location`` under ``id``; torch calls on it run there.
+
+    Create one with ``tensor.send(worker)``; use ``.get()`` to bring the value home (if the
+    worker's owner allows it), ``.move(other)`` to send it worker to worker and ``.copy()``
+    for a second remote copy. A pointer that is garbage collected deletes its remote object.
+    """
+
+    location: Worker
+    id: bytes
+
+    @staticmethod
+    def __new__(cls, *args: Any, **kwargs: Any) -> PointerTensor:
+        raise TypeError("create pointers with tensor.send(worker), not PointerTensor(...)")
+
+    @classmethod
+    def _from_remote(cls, location: Worker, oid: bytes, shape: torch.Size, dtype: torch.dtype,
+                     requires_grad: bool, *, owns: bool, is_leaf: bool = True,
+                     ref: Ref | GradRef | None = None) -> PointerTensor:
+        p = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device="meta",
+                                                requires_grad=requires_grad)
+        p.location = location
+        p.id = oid
+        p._ref = ref if ref is not None else Ref(oid)
+        p._owns = owns
+        p._is_leaf = is_leaf
+        p._has_grad = False
+        p._grad_ptr = None
+        p._moved_to = None
+        p._key = (shape, dtype, requires_grad)  # read without going through torch
+        if requires_grad and is_leaf and type(p._ref) is Ref:
+            location._leaves[oid] = p
+        return p
+
+    # ------------------------------------------------------------------ Python protocol
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        where = self._moved_to.name + " (moved)" if self._moved_to else self.location.name
+        grad = ", grad of" if type(self._ref) is GradRef else ""
+        return (f"PointerTensor(location={where}{grad}, id={self.id.hex()[:12]}, "
+                f"shape={tuple(self.shape)}, dtype={self.dtype}"
+                + (", requires_grad=True" if self.requires_grad else "") + ")")
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return format(repr(self), spec)
+
+    def __del__(self) -> None:
+        if getattr(self, "_owns", False):
+            self._owns = False
+            self.location._collect(self.id)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PointerTensor:
+        return self.copy()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("pointers cannot be pickled; veil never uses pickle")
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise CommandNotAllowed(
+            f"{func} reached a PointerTensor below torch-function level; "
+            "this operation cannot run on a remote tensor"
+        )
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs or {})
+        name = wire_name(func)
+        if name is None:
+            raise CommandNotAllowed(
+                f"{describe(func)} is not on the allow-list of operations that can run on a "
+                "worker"
+            )
+        return call(name, func, args, kwargs or {})
+
+    # ------------------------------------------------------------------ veil API
+
+    def _check_usable(self) -> None:
+        if self._moved_to is not None:
+            raise ProtocolError(
+                f"this pointer's value was moved to {self._moved_to.name}; use the pointer "
+                "that .move() returned"
+            )
+
+    def get(self) -> torch.Tensor:
+        """Bring the value home.
+
+        Raises:
+            veil.PermissionDenied: the value is (or was computed from) private data whose owner
+                did not allow this requester.
+        """
+        self._check_usable()
+        value = self.location._request(FetchObject(self.id, type(self._ref) is GradRef))
+        if value is None:
+            raise ProtocolError("the remote value is None (a .grad that was never computed?)")
+        return value
+
+    def move(self, worker: Worker) -> PointerTensor:
+        """Send the value from its worker straight to ``worker``; return the new pointer.
+
+        The value does not pass through the caller. Permissions travel with it. This pointer
+        is unusable afterwards (unless the value is data its worker hosts, which stays).
+        """
+        self._check_usable()
+        if not isinstance(worker, Worker):
+            raise TypeError(f"move() needs a worker, got {type(worker).__name__}")
+        if worker is self.location:
+            return self
+        if type(self._ref) is GradRef:
+            raise ProtocolError("a .grad cannot be moved; .copy() it first")
+        nid = new_id()
+        self.location._submit(MoveObject(self.id, worker.address, nid))
+        moved = PointerTensor._from_remote(worker, nid, *self._key, owns=True)
+        if self._owns:
+            self._owns = False
+            self._moved_to = worker
+        return moved
+
+    def copy(self) -> PointerTensor:
+        """A second remote copy of the value, on the same worker."""
+        self._check_usable()
+        with torch.no_grad():
+            out = call("Tensor.clone", torch.Tensor.clone, (self,), {})
+        if self.requires_grad:
+            out.requires_grad_(True)
+        return out
+
+    def send(self, worker: Worker) -> PointerTensor:
+        """Pointers are already remote: use :meth:`move` (or ``.copy().move()``)."""
+        raise TypeError(
+            f"this tensor is already on {self.location.name}; use .move({worker!r}) to send it "
+            "worker to worker, or .copy().move(...) to keep it here too"
+        )
+
+
+# ---------------------------------------------------------------------- commands
+
+
+class _Walk:
+    __slots__ = ("key", "location", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.location: Worker | None = None
+        self.key: list[Any] = [name, torch.is_grad_enabled()]
+
+
+def _wire(a: Any, w: _Walk) -> Any:
+    t = type(a)
+    if t is PointerTensor:
+        if a._moved_to is not None:
+            a._check_usable()
+        loc = a.location
+        if w.location is None:
+            w.location = loc
+        elif loc is not w.location:
+            raise WorkerMismatch(
+                f"{w.name}: arguments live on different workers ({w.location.name} and "
+                f"{loc.name}); bring them together with .move() first"
+            )
+        w.key.append(a._key)
+        return a._ref
+    if t is tuple or t is list:
+        w.key.append(t)
+        out = t(_wire(x, w) for x in a)
+        w.key.append(len(a))
+        return out
+    if isinstance(a, torch.Tensor):
+        if t is not torch.Tensor and t is not torch.nn.Parameter:
+            raise WorkerMismatch(
+                f"{w.name}: cannot combine a remote tensor with a local {t.__name__}"
+            )
+        # A local tensor travels inside the command as a value (the caller's own data).
+        w.key.append(("local", a.shape, a.dtype))
+        return a.detach().clone()
+    if t is slice:
+        w.key.append((slice, a.start, a.stop, a.step))
+        return a
+    if t is dict:
+        raise SerializationError(f"{w.name}: dict arguments are not supported")
+    w.key.append((t, a))
+    return a
+
+
+def _to_meta(a: Any) -> Any:
+    if type(a) is PointerTensor:
+        return _meta.meta_tensor(*a._key)
+    if type(a) is tuple or type(a) is list:
+        return type(a)(_to_meta(x) for x in a)
+    if isinstance(a, torch.Tensor):
+        return torch.empty(a.shape, dtype=a.dtype, device="meta")
+    return a
+
+
+def _inplace(name: str) -> bool:
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("Tensor.__i") \
+        or name == "Tensor.__setitem__"
+
+
+def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    """Run the allow-listed ``func`` (wire name ``name``) where its pointer arguments live."""
+    w = _Walk(name)
+    wargs = tuple(_wire(a, w) for a in args)
+    wkwargs = {}
+    for k, v in kwargs.items():
+        w.key.append(k)
+        wkwargs[k] = _wire(v, w)
+    loc = w.location
+    if loc is None:
+        raise WorkerMismatch(f"{name}: no argument is a pointer at the top level")
+    if _inplace(name):
+        loc._submit(ExecuteCommand(name, wargs, wkwargs, None))
+        return None if name == "Tensor.__setitem__" else args[0]
+    key = tuple(w.key)
+    try:
+        spec = _meta.lookup(key)
+    except TypeError:  # an unhashable argument: no caching for this call
+        key, spec = None, None
+    if spec is None:
+        spec = _meta.infer(func, tuple(_to_meta(a) for a in args),
+                           {k: _to_meta(v) for k, v in kwargs.items()})
+        if key is not None and spec is not None:
+            _meta.remember(key, spec)
+    return _dispatch(loc, name, wargs, wkwargs, spec)
+
+
+def _dispatch(loc: Worker, name: str, wargs: tuple[Any, ...], wkwargs: dict[str, Any],
+              spec: Any) -> Any:
+    if spec is None:
+        loc._submit(ExecuteCommand(name, wargs, wkwargs, None))
+        return None
+    if type(spec) is _meta.TensorSpec:
+        rid = new_id()
+        loc._submit(ExecuteCommand(name, wargs, wkwargs, rid))
+        return PointerTensor._from_remote(loc, rid, spec.shape, spec.dtype, spec.requires_grad,
+                                          owns=True, is_leaf=not spec.requires_grad)
+    if type(spec) is _meta.SeqSpec:
+        rids = tuple(new_id() for _ in spec.items)
+        loc._submit(ExecuteCommand(name, wargs, wkwargs, rids))
+        ptrs = [PointerTensor._from_remote(loc, r, s.shape, s.dtype, s.requires_grad,
+                                           owns=True, is_leaf=not s.requires_grad)
+                for r, s in zip(rids, spec.items)]
+        return spec.kind(ptrs)
+    rid = new_id()
+    loc._submit(ExecuteCommand(name, wargs, wkwargs, rid))
+    if spec == _meta.VALUE:
+        return _fetch_value(loc, rid)
+    return _resolve_unknown(loc, rid)
+
+
+def _fetch_value(loc: Worker, rid: bytes) -> Any:
+    try:
+        return loc._request(FetchObject(rid))
+    finally:
+        loc._submit(DeleteObjects((rid,)))
+
+
+def _resolve_unknown(loc: Worker, rid: bytes) -> Any:
+    """Ask the worker what a command produced (ops whose result shape depends on data)."""
+    (meta,) = loc._request(Query("meta", (rid,)))
+    if meta is None:
+        return _fetch_value(loc, rid)
+    if meta[0] == "seq":
+        out = []
+        for i, item in enumerate(meta[1]):
+            iid = new_id()
+            loc._submit(ExecuteCommand("veil.seq_item", (Ref(rid), i), {}, iid))
+            if item is None:
+                out.append(_fetch_value(loc, iid))
+            else:
+                shape, dtype, rg, leaf = item
+                out.append(PointerTensor._from_remote(loc, iid, torch.Size(shape), dtype, rg,
+                                                      owns=True, is_leaf=leaf))
+        loc._submit(DeleteObjects((rid,)))
+        return tuple(out)
+    shape, dtype, rg, leaf = meta
+    return PointerTensor._from_remote(loc, rid, torch.Size(shape), dtype, rg, owns=True,
+                                      is_leaf=leaf)
+
+
+# ---------------------------------------------------------------------- special handlers
+
+
+def _local(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    with _DISABLE():
+        return func(*args, **kwargs)
+
+
+def _is_leaf(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    return args[0]._is_leaf
+
+
+def _get_grad(func: Any, args: Any, kwargs: dict[str, Any]) -> PointerTensor | None:
+    p = args[0]
+    if not p._has_grad:
+        return None
+    g = p._grad_ptr
+    if g is None:
+        g = PointerTensor._from_remote(p.location, p.id, p._key[0], p._key[1], False,
+                                       owns=False, ref=GradRef(p.id))
+        g._base_ptr = p
+        p._grad_ptr = g
+    return g
+
+
+def _set_grad(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    p, value = args
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(f"grad must be a tensor or None, got {type(value).__name__}")
+    if value is p._grad_ptr and value is not None:
+        return
+    call("set.grad", func, (p, value), {}) if value is not None else p.location._submit(
+        ExecuteCommand("set.grad", (p._ref, None), {}, None))
+    p._has_grad = value is not None
+
+
+def _set_requires_grad(p: PointerTensor, flag: bool) -> None:
+    with _DISABLE():
+        torch.Tensor.requires_grad_(p, flag)
+    p._key = (p._key[0], p._key[1], flag)
+    if flag and p._is_leaf and type(p._ref) is Ref:
+        p.location._leaves[p.id] = p
+
+
+def _requires_grad_(func: Any, args: Any, kwargs: dict[str, Any]) -> PointerTensor:
+    p = args[0]
+    flag = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+    p.location._submit(ExecuteCommand("Tensor.requires_grad_", (p._ref, bool(flag)), {}, None))
+    _set_requires_grad(p, bool(flag))
+    return p
+
+
+def _set_requires_grad_attr(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    _requires_grad_(func, args, kwargs)
+
+
+def _backward(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    p = args[0]
+    w = _Walk("Tensor.backward")
+    wargs = tuple(_wire(a, w) for a in args)
+    wkwargs = {k: _wire(v, w) for k, v in kwargs.items()}
+    loc = p.location
+    loc._submit(ExecuteCommand("Tensor.backward", wargs, wkwargs, None))
+    refresh_grads(loc)
+
+
+def refresh_grads(loc: Worker) -> None:
+    """Learn which leaf pointers on ``loc`` now have a ``.grad`` (one round trip)."""
+    leaves = list(loc._leaves.items())
+    flags = loc._request(Query("grads", tuple(oid for oid, _ in leaves)))
+    for (_, p), flag in zip(leaves, flags):
+        p._has_grad = bool(flag)
+
+
+def _iter(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    p = args[0]
+    if p.dim() == 0:
+        raise TypeError("iteration over a 0-d tensor")
+    return iter(p.unbind(0))
+
+
+def _build_handlers() -> dict[Any, Any]:
+    T = torch.Tensor
+    handlers: dict[Any, Any] = {}
+    for name in ("size", "dim", "numel", "nelement", "element_size", "__len__", "__hash__",
+                 "is_floating_point", "is_complex", "stride", "get_device", "is_contiguous",
+                 "ndimension", "type"):
+        handlers[getattr(T, name)] = _local
+    for name in ("shape", "dtype", "device", "ndim", "layout", "is_sparse", "is_cuda",
+                 "is_meta", "is_quantized", "is_mkldnn", "is_nested", "names", "requires_grad",
+                 "is_cpu", "itemsize", "nbytes", "output_nr", "_version", "is_sparse_csr",
+                 "is_xpu", "is_mps", "is_mtia"):
+        attr = getattr(T, name, None)
+        if attr is not None and hasattr(attr, "__get__"):
+            handlers[attr.__get__] = _local
+    handlers[T.is_leaf.__get__] = _is_leaf
+    handlers[T.grad.__get__] = _get_grad
+    handlers[T.grad.__set__] = _set_grad
+    handlers[T.requires_grad.__set__] = _set_requires_grad_attr
+    handlers[T.requires_grad_] = _requires_grad_
+    handlers[T.backward] = _backward
+    handlers[T.__iter__] = _iter
+    return handlers
+
+
+_HANDLERS = _build_handlers()

@@ -1,0 +1,319 @@
+"""Encoding and decoding of veil values with msgpack extension types.
+
+Supported values: None, bool, int (64-bit), float, str, bytes, lists, tuples, dicts with
+str keys, :class:`torch.Tensor` (dense, CPU, dtypes in :data:`DTYPES`), ``torch.dtype``,
+``torch.Size``, ``slice``, ``Ellipsis``, the reference types of :mod:`veil.serde._refs`,
+and message classes registered with :func:`register_message`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from veil._errors import SerializationError
+from veil.serde._refs import GradRef, Ref
+
+#: dtypes that may travel, by wire code. Never a name chosen by the sender.
+DTYPES: dict[int, torch.dtype] = {
+    0: torch.float32,
+    1: torch.float64,
+    2: torch.float16,
+    3: torch.bfloat16,
+    4: torch.int64,
+    5: torch.int32,
+    6: torch.int16,
+    7: torch.int8,
+    8: torch.uint8,
+    9: torch.bool,
+    10: torch.complex64,
+    11: torch.complex128,
+}
+_DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+_NUMPY = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.float16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+    torch.complex64: np.complex64,
+    torch.complex128: np.complex128,
+}
+
+MAX_NDIM = 16
+MAX_FRAME = 1 << 31
+
+_EXT_TENSOR = 1
+_EXT_TUPLE = 2
+_EXT_REF = 3
+_EXT_GRADREF = 4
+_EXT_DTYPE = 5
+_EXT_SIZE = 6
+_EXT_SLICE = 7
+_EXT_ELLIPSIS = 8
+_EXT_MESSAGE = 9
+_EXT_MEMORY_FORMAT = 10
+
+MEMORY_FORMATS: dict[int, torch.memory_format] = {
+    0: torch.preserve_format,
+    1: torch.contiguous_format,
+    2: torch.channels_last,
+}
+_MEMORY_FORMAT_CODES = {v: k for k, v in MEMORY_FORMATS.items()}
+
+_MESSAGES: dict[int, type] = {}
+_MESSAGE_CODES: dict[type, int] = {}
+_VALIDATORS: dict[type, Callable[[Any], None]] = {}
+
+
+def register_message(code: int) -> Callable[[type], type]:
+    """Class decorator: register a dataclass as a message type with a fixed wire ``code``.
+
+    Its fields are encoded in declaration order. If the class defines a ``validate()``
+    method, it is called after decoding and must raise ``SerializationError`` (or
+    ``TypeError``/``ValueError``, converted) for fields of the wrong type.
+    """
+
+    def wrap(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__} must be a dataclass to be a message")
+        if code in _MESSAGES and _MESSAGES[code] is not cls:
+            raise ValueError(f"message code {code} is taken by {_MESSAGES[code].__name__}")
+        _MESSAGES[code] = cls
+        _MESSAGE_CODES[cls] = code
+        return cls
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+def _tensor_payload(t: torch.Tensor) -> bytes:
+    if t.layout != torch.strided:
+        raise SerializationError(f"only dense tensors can be sent, got layout {t.layout}")
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise SerializationError(f"tensors of dtype {t.dtype} cannot be sent")
+    requires_grad = bool(t.requires_grad)
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        raw = t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+    else:
+        raw = t.numpy().astype(np.dtype(_NUMPY[t.dtype]).newbyteorder("<"), copy=False).tobytes()
+    header = msgpack.packb([code, list(t.shape), requires_grad])
+    return header + raw
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+            raise SerializationError(
+                f"a {type(obj).__name__} cannot be sent as a plain tensor; "
+                "bring it home (.get()) or send its parts"
+            )
+        return msgpack.ExtType(_EXT_TENSOR, _tensor_payload(obj))
+    if isinstance(obj, torch.Size):
+        return msgpack.ExtType(_EXT_SIZE, _pack(list(obj)))
+    if isinstance(obj, Ref):
+        return msgpack.ExtType(_EXT_REF, obj.id)
+    if isinstance(obj, GradRef):
+        return msgpack.ExtType(_EXT_GRADREF, obj.id)
+    if isinstance(obj, tuple):
+        return msgpack.ExtType(_EXT_TUPLE, _pack(list(obj)))
+    if isinstance(obj, torch.dtype):
+        code = _DTYPE_CODES.get(obj)
+        if code is None:
+            raise SerializationError(f"dtype {obj} cannot be sent")
+        return msgpack.ExtType(_EXT_DTYPE, bytes([code]))
+    if isinstance(obj, torch.memory_format):
+        if obj not in _MEMORY_FORMAT_CODES:
+            raise SerializationError(f"memory format {obj} cannot be sent")
+        return msgpack.ExtType(_EXT_MEMORY_FORMAT, bytes([_MEMORY_FORMAT_CODES[obj]]))
+    if isinstance(obj, slice):
+        return msgpack.ExtType(_EXT_SLICE, _pack([obj.start, obj.stop, obj.step]))
+    if obj is Ellipsis:
+        return msgpack.ExtType(_EXT_ELLIPSIS, b"")
+    code = _MESSAGE_CODES.get(type(obj))
+    if code is not None:
+        fields = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+        return msgpack.ExtType(_EXT_MESSAGE, _pack([code, *fields]))
+    if isinstance(obj, (set, frozenset)):
+        return msgpack.ExtType(_EXT_TUPLE, _pack(sorted(obj)))
+    raise SerializationError(f"values of type {type(obj).__name__} cannot be sent")
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True)
+
+
+def encode(obj: Any) -> bytes:
+    """Encode ``obj`` to bytes.
+
+    Raises:
+        SerializationError: ``obj`` holds a value of a type that cannot travel.
+    """
+    try:
+        return _pack(obj)
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode value: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _decode_tensor(data: bytes) -> torch.Tensor:
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
+    unpacker.feed(data)
+    header = unpacker.unpack()
+    offset = unpacker.tell()
+    if not (isinstance(header, list) and len(header) == 3):
+        raise SerializationError("malformed tensor header")
+    code, shape, requires_grad = header
+    if type(code) is not int or code not in DTYPES:
+        raise SerializationError(f"unknown tensor dtype code {code!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise SerializationError("malformed tensor shape")
+    if not all(type(s) is int and 0 <= s < 2**40 for s in shape):
+        raise SerializationError(f"invalid tensor shape {shape!r}")
+    if type(requires_grad) is not bool:
+        raise SerializationError("malformed tensor requires_grad flag")
+    dtype = DTYPES[code]
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = data[offset:]
+    if len(raw) != numel * itemsize:
+        raise SerializationError(
+            f"tensor of shape {shape} and dtype {dtype} needs {numel * itemsize} bytes, "
+            f"got {len(raw)}"
+        )
+    if dtype == torch.bfloat16:
+        arr = np.frombuffer(raw, dtype="<i2").astype(np.int16)
+        t = torch.from_numpy(arr.copy()).view(torch.bfloat16)
+    else:
+        arr = np.frombuffer(raw, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<"))
+        t = torch.from_numpy(arr.astype(_NUMPY[dtype], copy=True))
+    t = t.reshape(shape)
+    if requires_grad:
+        if not (dtype.is_floating_point or dtype.is_complex):
+            raise SerializationError(f"a {dtype} tensor cannot require grad")
+        t.requires_grad_(True)
+    return t
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_TENSOR:
+        return _decode_tensor(data)
+    if code == _EXT_TUPLE:
+        items = _unpack(data)
+        if not isinstance(items, list):
+            raise SerializationError("malformed tuple")
+        return tuple(items)
+    if code in (_EXT_REF, _EXT_GRADREF):
+        if len(data) != 16:
+            raise SerializationError("object ids are 16 bytes")
+        return Ref(bytes(data)) if code == _EXT_REF else GradRef(bytes(data))
+    if code == _EXT_DTYPE:
+        if len(data) != 1 or data[0] not in DTYPES:
+            raise SerializationError("unknown dtype code")
+        return DTYPES[data[0]]
+    if code == _EXT_SIZE:
+        dims = _unpack(data)
+        if not (isinstance(dims, list) and all(type(d) is int and d >= 0 for d in dims)):
+            raise SerializationError("malformed torch.Size")
+        return torch.Size(dims)
+    if code == _EXT_SLICE:
+        parts = _unpack(data)
+        if not (isinstance(parts, list) and len(parts) == 3):
+            raise SerializationError("malformed slice")
+        if not all(p is None or type(p) is int for p in parts):
+            raise SerializationError("slice bounds must be integers or None")
+        return slice(*parts)
+    if code == _EXT_ELLIPSIS:
+        if data:
+            raise SerializationError("malformed Ellipsis")
+        return Ellipsis
+    if code == _EXT_MESSAGE:
+        return _decode_message(data)
+    if code == _EXT_MEMORY_FORMAT:
+        if len(data) != 1 or data[0] not in MEMORY_FORMATS:
+            raise SerializationError("unknown memory format code")
+        return MEMORY_FORMATS[data[0]]
+    raise SerializationError(f"unknown extension type {code}")
+
+
+def _decode_message(data: bytes) -> Any:
+    parts = _unpack(data)
+    if not (isinstance(parts, list) and parts and type(parts[0]) is int):
+        raise SerializationError("malformed message")
+    cls = _MESSAGES.get(parts[0])
+    if cls is None:
+        raise SerializationError(f"unknown message code {parts[0]}")
+    fields = dataclasses.fields(cls)
+    if len(parts) - 1 != len(fields):
+        raise SerializationError(
+            f"{cls.__name__} has {len(fields)} fields, got {len(parts) - 1}"
+        )
+    msg = cls(*parts[1:])
+    validate = getattr(msg, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except SerializationError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"malformed {cls.__name__}: {exc}") from exc
+    return msg
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(
+        data,
+        ext_hook=_ext_hook,
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+    )
+
+
+def decode(data: bytes | bytearray | memoryview) -> Any:
+    """Decode bytes made by :func:`encode`.
+
+    Raises:
+        SerializationError: for any input that is not a valid encoding (truncated, random,
+            hostile, of an unknown type, or nested too deeply), and for nothing else.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SerializationError(f"can only decode bytes, got {type(data).__name__}")
+    try:
+        return _unpack(bytes(data))
+    except SerializationError:
+        raise
+    except RecursionError as exc:
+        raise SerializationError("value is nested too deeply") from exc
+    except MemoryError as exc:
+        raise SerializationError("value is too large to decode") from exc
+    except Exception as exc:  # msgpack raises many kinds; all mean "not a valid encoding"
+        raise SerializationError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
+
+
+# msgpack's C unpacker limits nesting itself; keep Python's limit comfortably above it.
+if sys.getrecursionlimit() < 2000:
+    sys.setrecursionlimit(2000)

@@ -1,0 +1,186 @@
+"""The client's handle on a worker: what the orchestrator calls to use one.
+
+:class:`Worker` is the extension point for transports. A subclass provides :meth:`_submit`
+(send a message that has no reply, possibly buffered) and :meth:`_request` (send a message and
+wait for its reply, flushing anything buffered first). Everything else (sending tensors and
+models, searching, hosting, garbage collection of remote objects) is built on those two.
+"""
+
+from __future__ import annotations
+
+import secrets
+import weakref
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from veil import _errors
+from veil._errors import RemoteError, WorkerUnavailable
+from veil.workers._messages import (
+    DeleteObjects,
+    ErrorReply,
+    Query,
+    Reply,
+    SearchObjects,
+    StoreObject,
+)
+
+if TYPE_CHECKING:
+    from veil.pointers import PointerTensor
+
+#: Pointers that are garbage collected queue their ids; deletes are sent in batches this big.
+GC_BATCH = 64
+
+
+def new_id() -> bytes:
+    """A fresh, unguessable object id: 128 bits from :mod:`secrets`."""
+    return secrets.token_bytes(16)
+
+
+def raise_error(reply: ErrorReply, worker: str) -> None:
+    """Raise the veil exception that an :class:`ErrorReply` describes."""
+    cls = getattr(_errors, reply.kind, None)
+    where = f" on {worker}" if worker else ""
+    if reply.op:
+        message = f"{reply.op} failed{where}: {reply.message}"
+    else:
+        message = f"{reply.message}{where}" if reply.kind != "RemoteError" else reply.message
+    if isinstance(cls, type) and issubclass(cls, _errors.VeilError) and cls is not RemoteError:
+        raise cls(message)
+    raise RemoteError(message, op=reply.op, worker=worker)
+
+
+class Worker(ABC):
+    """A handle on a worker: a place where data lives and torch calls run.
+
+    Args:
+        name: the worker's name.
+        client_name: the name this handle uses as requester, which a worker checks against
+            the ``allowed`` list of private data.
+    """
+
+    def __init__(self, name: str, *, client_name: str = "me") -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a worker needs a non-empty str name, got {name!r}")
+        self.name = name
+        self.client_name = client_name
+        self._gc: list[bytes] = []
+        self._leaves: weakref.WeakValueDictionary[bytes, PointerTensor] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    # ------------------------------------------------------------------ transport
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """Where other workers can reach this one (used by worker-to-worker moves)."""
+
+    @abstractmethod
+    def _submit(self, msg: Any) -> None:
+        """Send a message that has no reply (it may be buffered until the next request)."""
+
+    @abstractmethod
+    def _send_request(self, msg: Any) -> Reply | ErrorReply:
+        """Send a message and return its reply, after everything submitted before it."""
+
+    def _request(self, msg: Any) -> Any:
+        """Send ``msg``, wait for its reply and return its value, raising reported errors."""
+        self._flush_gc()
+        reply = self._send_request(msg)
+        if type(reply) is ErrorReply:
+            raise_error(reply, self.name)
+        if type(reply) is not Reply:
+            raise WorkerUnavailable(f"worker {self.name} answered with a {type(reply).__name__}")
+        return reply.value
+
+    def close(self) -> None:  # noqa: B027 (optional hook, nothing to release by default)
+        """Release this handle's resources (nothing to do for in-process workers)."""
+
+    # ------------------------------------------------------------------ garbage collection
+
+    def _collect(self, oid: bytes) -> None:
+        """Queue a remote delete (called from pointer finalizers; never sends by itself)."""
+        self._gc.append(oid)
+
+    def _flush_gc(self) -> None:
+        if self._gc:
+            ids, self._gc = tuple(self._gc), []
+            self._submit(DeleteObjects(ids))
+
+    def _maybe_flush_gc(self) -> None:
+        if len(self._gc) >= GC_BATCH:
+            self._flush_gc()
+
+    # ------------------------------------------------------------------ public API
+
+    def flush(self) -> None:
+        """Wait until every pipelined command has run; raise the first one's error, if any."""
+        self._request(Query("flush"))
+
+    def object_count(self) -> int:
+        """How many objects the worker holds (all clients' and its own)."""
+        self._flush_gc()
+        return int(self._request(Query("count")))
+
+    def send(self, obj: Any) -> Any:
+        """Send a tensor or a module to this worker; same as ``obj.send(worker)``."""
+        from veil.pointers import send
+
+        return send(obj, self)
+
+    def host(self, tensor: torch.Tensor, *, tags: tuple[str, ...] | list[str] = (),
+             description: str = "", private: bool = False,
+             allowed: tuple[str, ...] | list[str] = ()) -> PointerTensor:
+        """Register ``tensor`` as this worker's own data; return a pointer to it.
+
+        ``private=True`` lets requesters compute on it but only those named in ``allowed``
+        take it (or anything computed from it) home. Hosted data stays when clients go away.
+        """
+        from veil.pointers import PointerTensor
+
+        _check_tensor(tensor)
+        tags = _check_tags(tags, "tags")
+        allowed = _check_tags(allowed, "allowed")
+        oid = new_id()
+        self._host(oid, tensor, tags, description, private, allowed)
+        return PointerTensor._from_remote(self, oid, tensor.shape, tensor.dtype,
+                                          tensor.requires_grad, owns=False)
+
+    def _host(self, oid: bytes, tensor: torch.Tensor, tags: tuple[str, ...], description: str,
+              private: bool, allowed: tuple[str, ...]) -> None:
+        self._submit(StoreObject(oid, tensor, tags, description, private, allowed,
+                                 (self.name,)))
+
+    def search(self, *tags: str) -> list[PointerTensor]:
+        """Pointers to the objects whose tags include all of ``tags``."""
+        from veil.pointers import PointerTensor
+
+        tags = _check_tags(tags, "tags")
+        found = self._request(SearchObjects(tags))
+        out = []
+        for oid, shape, dtype, requires_grad, obj_tags, description in found:
+            p = PointerTensor._from_remote(self, oid, torch.Size(shape), dtype, requires_grad,
+                                           owns=False)
+            p.tags = tuple(obj_tags)
+            p.description = description
+            out.append(p)
+        return out
+
+
+def _check_tensor(tensor: Any) -> None:
+    if type(tensor) is not torch.Tensor:
+        raise TypeError(f"expected a plain torch.Tensor, got {type(tensor).__name__}")
+
+
+def _check_tags(tags: Any, what: str) -> tuple[str, ...]:
+    if isinstance(tags, str):
+        raise TypeError(f"{what} must be a sequence of strings, not one string")
+    tags = tuple(tags)
+    if not all(isinstance(t, str) for t in tags):
+        raise TypeError(f"{what} must all be strings, got {tags!r}")
+    return tags

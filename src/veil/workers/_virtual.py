@@ -1,0 +1,77 @@
+"""VirtualWorker: a worker in this process, for experiments and tests."""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+from veil._errors import WorkerUnavailable
+from veil.serde import decode, encode
+from veil.workers._base import Worker
+from veil.workers._messages import ErrorReply, Reply
+from veil.workers._node import Session, WorkerNode
+
+_REGISTRY: weakref.WeakValueDictionary[str, VirtualWorker] = weakref.WeakValueDictionary()
+_COUNTER = itertools.count()
+
+
+def _deliver(address: str, msg: Any, sender: str) -> None:
+    target = _REGISTRY.get(address)
+    if target is None:
+        raise WorkerUnavailable(f"no virtual worker at {address}")
+    if target.serialize:
+        msg = decode(encode(msg))
+    reply = target.node.handle(msg, target._peer_session(sender))
+    if type(reply) is ErrorReply:
+        raise WorkerUnavailable(f"{address} refused the object: {reply.message}")
+
+
+class VirtualWorker(Worker):
+    """A worker living in this process: same messages and rules as a network worker.
+
+    Args:
+        name: the worker's name.
+        serialize: push every message and reply through the wire format, as a network worker
+            would (slower; checks that everything the program sends can travel).
+        client_name: the requester name this handle presents to the worker.
+    """
+
+    def __init__(self, name: str, *, serialize: bool = False, client_name: str = "me") -> None:
+        super().__init__(name, client_name=client_name)
+        self.serialize = serialize
+        self._address = f"virtual://{name}#{next(_COUNTER)}"
+        self.node = WorkerNode(name, send_to_peer=self._send_to_peer)
+        self._session = Session(client_name)
+        self._peers: dict[str, Session] = {}
+        self.messages = 0  # messages handled for this handle, for benchmarks
+        _REGISTRY[self._address] = self
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def _send_to_peer(self, address: str, msg: Any) -> None:
+        self.messages += 1
+        _deliver(address, msg, self.name)
+
+    def _peer_session(self, sender: str) -> Session:
+        session = self._peers.get(sender)
+        if session is None:
+            session = self._peers[sender] = Session(sender)
+        return session
+
+    def _submit(self, msg: Any) -> None:
+        self.messages += 1
+        if self.serialize:
+            msg = decode(encode(msg))
+        self.node.handle(msg, self._session)
+        self._maybe_flush_gc()
+
+    def _send_request(self, msg: Any) -> Reply | ErrorReply:
+        self.messages += 1
+        if self.serialize:
+            msg = decode(encode(msg))
+            reply = self.node.handle(msg, self._session)
+            return decode(encode(reply))
+        return self.node.handle(msg, self._session)  # type: ignore[return-value]
