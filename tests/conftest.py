@@ -18,3 +18,29 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+import pytest  # noqa: E402
+
+from tests.worker_kinds import KINDS  # noqa: E402
+
+
+@pytest.fixture(params=sorted(KINDS))
+def make_workers(request):
+    """``make_workers("alice", "bob")`` gives workers of each kind in :data:`KINDS`."""
+    stack = []
+
+    def make(*names: str):
+        cm = KINDS[request.param](names)
+        workers = cm.__enter__()
+        stack.append(cm)
+        return workers if len(workers) > 1 else workers[0]
+
+    yield make
+    for cm in reversed(stack):
+        cm.__exit__(None, None, None)
+
+
+@pytest.fixture
+def kind(make_workers, request):
+    return request.node.callspec.params["make_workers"]

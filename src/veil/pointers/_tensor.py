@@ -410,6 +410,9 @@ def _build_handlers() -> dict[Any, Any]:
                  "is_floating_point", "is_complex", "stride", "get_device", "is_contiguous",
                  "ndimension", "type"):
         handlers[getattr(T, name)] = _local
+    for fn in (torch.is_complex, torch.is_floating_point, torch.numel, torch.is_conj,
+               torch.is_neg, torch.is_inference):
+        handlers[fn] = _local
     for name in ("shape", "dtype", "device", "ndim", "layout", "is_sparse", "is_cuda",
                  "is_meta", "is_quantized", "is_mkldnn", "is_nested", "names", "requires_grad",
                  "is_cpu", "itemsize", "nbytes", "output_nr", "_version", "is_sparse_csr",

@@ -41,11 +41,10 @@ def new_id() -> bytes:
 def raise_error(reply: ErrorReply, worker: str) -> None:
     """Raise the veil exception that an :class:`ErrorReply` describes."""
     cls = getattr(_errors, reply.kind, None)
-    where = f" on {worker}" if worker else ""
     if reply.op:
-        message = f"{reply.op} failed{where}: {reply.message}"
+        message = f"{reply.op} failed on {worker}: {reply.message}"
     else:
-        message = f"{reply.message}{where}" if reply.kind != "RemoteError" else reply.message
+        message = f"{reply.message} (worker {worker})"
     if isinstance(cls, type) and issubclass(cls, _errors.VeilError) and cls is not RemoteError:
         raise cls(message)
     raise RemoteError(message, op=reply.op, worker=worker)
