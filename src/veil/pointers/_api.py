@@ -32,7 +32,7 @@ def send(obj: Any, worker: Worker) -> Any:
         raise TypeError(f"send() takes a torch.Tensor or an nn.Module, got {type(obj).__name__}")
     oid = new_id()
     rg = bool(obj.requires_grad)
-    worker._submit(StoreObject(oid, obj.detach().requires_grad_(rg) if rg else obj.detach()))
+    worker._command(StoreObject(oid, obj.detach().requires_grad_(rg) if rg else obj.detach()))
     return PointerTensor._from_remote(worker, oid, obj.shape, obj.dtype, rg, owns=True)
 
 

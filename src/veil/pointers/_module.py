@@ -77,7 +77,7 @@ def send_module(module: nn.Module, worker: Worker) -> nn.Module:
     if spec is not None:
         module_id = new_id()
         state = {full: v.detach() for (_, _, full, _), v in zip(slots, values)}
-        worker._submit(StoreModule(module_id, spec, state,
+        worker._command(StoreModule(module_id, spec, state,
                                    {full: i for (_, _, full, _), i in zip(slots, ids)}))
         meta = copy.deepcopy(module).to("meta")
         remote = RemoteModule(worker, module_id, meta)
@@ -89,7 +89,7 @@ def send_module(module: nn.Module, worker: Worker) -> nn.Module:
                 ids[k] = seen[id(v)]
                 continue
             seen[id(v)] = ids[k]
-            worker._submit(StoreObject(ids[k], v.detach().requires_grad_(v.requires_grad)))
+            worker._command(StoreObject(ids[k], v.detach().requires_grad_(v.requires_grad)))
         remote = RemoteModule(worker, None, None)
     pointers: dict[bytes, PointerTensor] = {}
     for (sub, name, _, is_param), v, oid in zip(slots, values, ids):

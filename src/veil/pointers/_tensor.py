@@ -27,6 +27,17 @@ from veil.workers._messages import DeleteObjects, ExecuteCommand, FetchObject, M
 _DISABLE = torch._C.DisableTorchFunctionSubclass
 
 
+def _clear_grads(tensors: tuple[Any, ...]) -> None:
+    """Set ``.grad`` to None on each tensor (the remote side of a coalesced ``zero_grad``)."""
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError("veil.clear_grads needs tensors")
+        t.grad = None
+
+
+register_function("veil.clear_grads", _clear_grads)
+
+
 def _seq_item(seq: Any, index: int) -> Any:
     """The ``index``-th result of a command whose result was a sequence (on the worker)."""
     if not isinstance(seq, (tuple, list)) or type(index) is not int:
@@ -117,6 +128,42 @@ class PointerTensor(torch.Tensor):
             )
         return call(name, func, args, kwargs or {})
 
+    # Metadata is answered from Python attributes: these are read dozens of times per
+    # optimizer step, and a property costs a fraction of a torch-function round trip.
+
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        return self._key[0]
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self._key[1]
+
+    @property
+    def requires_grad(self) -> bool:  # type: ignore[override]
+        return self._key[2]
+
+    @requires_grad.setter
+    def requires_grad(self, flag: bool) -> None:
+        _requires_grad_(None, (self, flag), {})
+
+    @property
+    def is_leaf(self) -> bool:  # type: ignore[override]
+        return self._is_leaf
+
+    @property
+    def is_sparse(self) -> bool:  # type: ignore[override]
+        return False
+
+    @property
+    def grad(self) -> PointerTensor | None:  # type: ignore[override]
+        """A pointer to the remote ``.grad``, or None if the worker has none."""
+        return _get_grad(None, (self,), {})
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        _set_grad(None, (self, value), {})
+
     # ------------------------------------------------------------------ veil API
 
     def _check_usable(self) -> None:
@@ -153,7 +200,7 @@ class PointerTensor(torch.Tensor):
         if type(self._ref) is GradRef:
             raise ProtocolError("a .grad cannot be moved; .copy() it first")
         nid = new_id()
-        self.location._submit(MoveObject(self.id, worker.address, nid))
+        self.location._command(MoveObject(self.id, worker.address, nid))
         moved = PointerTensor._from_remote(worker, nid, *self._key, owns=True)
         if self._owns:
             self._owns = False
@@ -241,8 +288,16 @@ def _inplace(name: str) -> bool:
         or name == "Tensor.__setitem__"
 
 
+_INPLACE: dict[str, bool] = {}
+
+
 def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     """Run the allow-listed ``func`` (wire name ``name``) where its pointer arguments live."""
+    inplace = _INPLACE.get(name)
+    if inplace is None:
+        inplace = _INPLACE[name] = _inplace(name)
+    if inplace:
+        return _call_inplace(name, args, kwargs)
     w = _Walk(name)
     wargs = tuple(_wire(a, w) for a in args)
     wkwargs = {}
@@ -252,9 +307,6 @@ def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     loc = w.location
     if loc is None:
         raise WorkerMismatch(f"{name}: no argument is a pointer at the top level")
-    if _inplace(name):
-        loc._submit(ExecuteCommand(name, wargs, wkwargs, None))
-        return None if name == "Tensor.__setitem__" else args[0]
     key = tuple(w.key)
     try:
         spec = _meta.lookup(key)
@@ -268,25 +320,37 @@ def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     return _dispatch(loc, name, wargs, wkwargs, spec)
 
 
+def _call_inplace(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    """In-place operations keep their first argument's shape: no meta inference needed."""
+    w = _Walk(name)
+    wargs = tuple(_wire(a, w) for a in args)
+    wkwargs = {k: _wire(v, w) for k, v in kwargs.items()} if kwargs else {}
+    loc = w.location
+    if loc is None:
+        raise WorkerMismatch(f"{name}: no argument is a pointer at the top level")
+    loc._run(name, wargs, wkwargs, None)
+    return None if name == "Tensor.__setitem__" else args[0]
+
+
 def _dispatch(loc: Worker, name: str, wargs: tuple[Any, ...], wkwargs: dict[str, Any],
               spec: Any) -> Any:
     if spec is None:
-        loc._submit(ExecuteCommand(name, wargs, wkwargs, None))
+        loc._run(name, wargs, wkwargs, None)
         return None
     if type(spec) is _meta.TensorSpec:
         rid = new_id()
-        loc._submit(ExecuteCommand(name, wargs, wkwargs, rid))
+        loc._run(name, wargs, wkwargs, rid)
         return PointerTensor._from_remote(loc, rid, spec.shape, spec.dtype, spec.requires_grad,
                                           owns=True, is_leaf=not spec.requires_grad)
     if type(spec) is _meta.SeqSpec:
         rids = tuple(new_id() for _ in spec.items)
-        loc._submit(ExecuteCommand(name, wargs, wkwargs, rids))
+        loc._run(name, wargs, wkwargs, rids)
         ptrs = [PointerTensor._from_remote(loc, r, s.shape, s.dtype, s.requires_grad,
                                            owns=True, is_leaf=not s.requires_grad)
                 for r, s in zip(rids, spec.items)]
         return spec.kind(ptrs)
     rid = new_id()
-    loc._submit(ExecuteCommand(name, wargs, wkwargs, rid))
+    loc._run(name, wargs, wkwargs, rid)
     if spec == _meta.VALUE:
         return _fetch_value(loc, rid)
     return _resolve_unknown(loc, rid)
@@ -296,7 +360,7 @@ def _fetch_value(loc: Worker, rid: bytes) -> Any:
     try:
         return loc._request(FetchObject(rid))
     finally:
-        loc._submit(DeleteObjects((rid,)))
+        loc._command(DeleteObjects((rid,)))
 
 
 def _resolve_unknown(loc: Worker, rid: bytes) -> Any:
@@ -308,14 +372,14 @@ def _resolve_unknown(loc: Worker, rid: bytes) -> Any:
         out = []
         for i, item in enumerate(meta[1]):
             iid = new_id()
-            loc._submit(ExecuteCommand("veil.seq_item", (Ref(rid), i), {}, iid))
+            loc._run("veil.seq_item", (Ref(rid), i), {}, iid)
             if item is None:
                 out.append(_fetch_value(loc, iid))
             else:
                 shape, dtype, rg, leaf = item
                 out.append(PointerTensor._from_remote(loc, iid, torch.Size(shape), dtype, rg,
                                                       owns=True, is_leaf=leaf))
-        loc._submit(DeleteObjects((rid,)))
+        loc._command(DeleteObjects((rid,)))
         return tuple(out)
     shape, dtype, rg, leaf = meta
     return PointerTensor._from_remote(loc, rid, torch.Size(shape), dtype, rg, owns=True,
@@ -332,6 +396,18 @@ def _local(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
 
 def _is_leaf(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     return args[0]._is_leaf
+
+
+def _shape(func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Size:
+    return args[0]._key[0]
+
+
+def _dtype(func: Any, args: Any, kwargs: dict[str, Any]) -> torch.dtype:
+    return args[0]._key[1]
+
+
+def _requires_grad(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    return args[0]._key[2]
 
 
 def _get_grad(func: Any, args: Any, kwargs: dict[str, Any]) -> PointerTensor | None:
@@ -351,11 +427,15 @@ def _set_grad(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
     p, value = args
     if value is not None and not isinstance(value, torch.Tensor):
         raise TypeError(f"grad must be a tensor or None, got {type(value).__name__}")
-    if value is p._grad_ptr and value is not None:
+    if value is None:
+        if p._has_grad:
+            p.location._defer_grad_clear(p._ref)  # zero_grad: coalesced into one command
+        p._has_grad = False
         return
-    call("set.grad", func, (p, value), {}) if value is not None else p.location._submit(
-        ExecuteCommand("set.grad", (p._ref, None), {}, None))
-    p._has_grad = value is not None
+    if value is p._grad_ptr:
+        return
+    call("set.grad", torch.Tensor.grad.__set__, (p, value), {})
+    p._has_grad = True
 
 
 def _set_requires_grad(p: PointerTensor, flag: bool) -> None:
@@ -369,7 +449,7 @@ def _set_requires_grad(p: PointerTensor, flag: bool) -> None:
 def _requires_grad_(func: Any, args: Any, kwargs: dict[str, Any]) -> PointerTensor:
     p = args[0]
     flag = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
-    p.location._submit(ExecuteCommand("Tensor.requires_grad_", (p._ref, bool(flag)), {}, None))
+    p.location._run("Tensor.requires_grad_", (p._ref, bool(flag)), {}, None)
     _set_requires_grad(p, bool(flag))
     return p
 
@@ -384,7 +464,7 @@ def _backward(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
     wargs = tuple(_wire(a, w) for a in args)
     wkwargs = {k: _wire(v, w) for k, v in kwargs.items()}
     loc = p.location
-    loc._submit(ExecuteCommand("Tensor.backward", wargs, wkwargs, None))
+    loc._run("Tensor.backward", wargs, wkwargs, None)
     refresh_grads(loc)
 
 
@@ -421,6 +501,9 @@ def _build_handlers() -> dict[Any, Any]:
         if attr is not None and hasattr(attr, "__get__"):
             handlers[attr.__get__] = _local
     handlers[T.is_leaf.__get__] = _is_leaf
+    handlers[T.shape.__get__] = _shape
+    handlers[T.dtype.__get__] = _dtype
+    handlers[T.requires_grad.__get__] = _requires_grad
     handlers[T.grad.__get__] = _get_grad
     handlers[T.grad.__set__] = _set_grad
     handlers[T.requires_grad.__set__] = _set_requires_grad_attr

@@ -20,6 +20,7 @@ from veil._errors import RemoteError, WorkerUnavailable
 from veil.workers._messages import (
     DeleteObjects,
     ErrorReply,
+    ExecuteCommand,
     Query,
     Reply,
     SearchObjects,
@@ -65,6 +66,7 @@ class Worker(ABC):
         self.name = name
         self.client_name = client_name
         self._gc: list[bytes] = []
+        self._grad_clears: list[Any] = []
         self._leaves: weakref.WeakValueDictionary[bytes, PointerTensor] = (
             weakref.WeakValueDictionary()
         )
@@ -87,8 +89,28 @@ class Worker(ABC):
     def _send_request(self, msg: Any) -> Reply | ErrorReply:
         """Send a message and return its reply, after everything submitted before it."""
 
+    def _command(self, msg: Any) -> None:
+        """Submit a pipelined message after anything deferred (pointer code uses this)."""
+        if self._grad_clears:
+            self._flush_grad_clears()
+        self._submit(msg)
+
+    def _run(self, op: str, args: Any, kwargs: dict[str, Any], result_ids: Any) -> None:
+        """Submit the command ``op`` (a transport may override this to skip the message)."""
+        self._command(ExecuteCommand(op, args, kwargs, result_ids))
+
+    def _defer_grad_clear(self, ref: Any) -> None:
+        """Queue ``.grad = None`` for a tensor; sent as one command before the next message."""
+        self._grad_clears.append(ref)
+
+    def _flush_grad_clears(self) -> None:
+        refs, self._grad_clears = tuple(self._grad_clears), []
+        self._submit(ExecuteCommand("veil.clear_grads", (refs,), {}, None))
+
     def _request(self, msg: Any) -> Any:
         """Send ``msg``, wait for its reply and return its value, raising reported errors."""
+        if self._grad_clears:
+            self._flush_grad_clears()
         self._flush_gc()
         reply = self._send_request(msg)
         if type(reply) is ErrorReply:
@@ -146,6 +168,8 @@ class Worker(ABC):
         tags = _check_tags(tags, "tags")
         allowed = _check_tags(allowed, "allowed")
         oid = new_id()
+        if self._grad_clears:
+            self._flush_grad_clears()
         self._host(oid, tensor, tags, description, private, allowed)
         return PointerTensor._from_remote(self, oid, tensor.shape, tensor.dtype,
                                           tensor.requires_grad, owns=False)

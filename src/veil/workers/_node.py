@@ -25,7 +25,7 @@ from veil._errors import (
 )
 from veil.serde import GradRef, Ref
 from veil.workers import _modules
-from veil.workers._allowlist import lookup, register_function
+from veil.workers._allowlist import OPS, lookup, register_function
 from veil.workers._messages import (
     Batch,
     DeleteObjects,
@@ -254,18 +254,43 @@ class WorkerNode:
 
     # ------------------------------------------------------------------ running commands
 
-    def _execute(self, msg: ExecuteCommand, session: Session) -> None:
-        fn = lookup(msg.op)
-        perms: list[Permission | None] = [None]
-        args = self._resolve(msg.args, perms)
-        kwargs = {k: self._resolve_one(v, perms) for k, v in msg.kwargs.items()} \
-            if msg.kwargs else {}
-        result = fn(*args, **kwargs)
-        if msg.result_ids is not None:
-            self._store_results(msg.result_ids, result, perms[0], session)
+    def execute(self, op: str, args: Any, kwargs: dict[str, Any], result_ids: Any,
+                session: Session) -> None:
+        """Run a pipelined command now: the in-process fast path of :meth:`handle`.
 
-    def _resolve(self, args: Any, perms: list[Permission | None]) -> list[Any]:
-        return [self._resolve_one(a, perms) for a in args]
+        Takes the fields of an :class:`ExecuteCommand` without building one.
+        """
+        if session.error is not None:
+            return
+        try:
+            self._run(op, args, kwargs, result_ids, session)
+        except Exception as exc:
+            session.fail(exc, op)
+
+    def _execute(self, msg: ExecuteCommand, session: Session) -> None:
+        self._run(msg.op, msg.args, msg.kwargs, msg.result_ids, session)
+
+    def _run(self, op: str, wargs: Any, wkwargs: dict[str, Any], result_ids: Any,
+             session: Session) -> None:
+        fn = OPS.get(op)
+        if fn is None:
+            fn = lookup(op)  # raises CommandNotAllowed naming it
+        perms: list[Permission | None] = [None]
+        objects = self.store.objects
+        args = []
+        for a in wargs:
+            if type(a) is Ref:
+                obj = objects.get(a.id)
+                if obj is None or (self.store.perms and a.id in self.store.perms):
+                    obj = self._resolve_one(a, perms)
+                args.append(obj)
+            else:
+                args.append(self._resolve_one(a, perms))
+        kwargs = {k: self._resolve_one(v, perms) for k, v in wkwargs.items()} \
+            if wkwargs else {}
+        result = fn(*args, **kwargs)
+        if result_ids is not None:
+            self._store_results(result_ids, result, perms[0], session)
 
     def _resolve_one(self, a: Any, perms: list[Permission | None]) -> Any:
         t = type(a)

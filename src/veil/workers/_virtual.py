@@ -9,7 +9,7 @@ from typing import Any
 from veil._errors import WorkerUnavailable
 from veil.serde import decode, encode
 from veil.workers._base import Worker
-from veil.workers._messages import ErrorReply, Reply
+from veil.workers._messages import ErrorReply, ExecuteCommand, Reply
 from veil.workers._node import Session, WorkerNode
 
 _REGISTRY: weakref.WeakValueDictionary[str, VirtualWorker] = weakref.WeakValueDictionary()
@@ -64,9 +64,23 @@ class VirtualWorker(Worker):
     def _submit(self, msg: Any) -> None:
         self.messages += 1
         if self.serialize:
-            msg = decode(encode(msg))
-        self.node.handle(msg, self._session)
+            self.node.handle(decode(encode(msg)), self._session)
+        elif type(msg) is ExecuteCommand:
+            self.node.execute(msg.op, msg.args, msg.kwargs, msg.result_ids, self._session)
+        else:
+            self.node.handle(msg, self._session)
         self._maybe_flush_gc()
+
+    def _run(self, op: str, args: Any, kwargs: dict[str, Any], result_ids: Any) -> None:
+        if self.serialize:
+            super()._run(op, args, kwargs, result_ids)
+            return
+        if self._grad_clears:
+            self._flush_grad_clears()
+        self.messages += 1
+        self.node.execute(op, args, kwargs, result_ids, self._session)
+        if len(self._gc) >= 64:
+            self._flush_gc()
 
     def _send_request(self, msg: Any) -> Reply | ErrorReply:
         self.messages += 1
