@@ -22,7 +22,7 @@ from veil.pointers import _meta
 from veil.serde import GradRef, Ref
 from veil.workers._allowlist import describe, register_function, wire_name
 from veil.workers._base import Worker, new_id
-from veil.workers._messages import DeleteObjects, ExecuteCommand, FetchObject, MoveObject, Query
+from veil.workers._messages import DeleteObjects, FetchObject, MoveObject, Query
 
 _DISABLE = torch._C.DisableTorchFunctionSubclass
 
