@@ -1,0 +1,33 @@
+"""Federated learning: data that stays on workers, models that travel to it.
+
+* :class:`FederatedDataset` / :func:`federate`: data split across workers (or hosted by them);
+* :class:`FederatedDataLoader`: pointer batches, worker by worker;
+* :func:`train_sequential`: the paper's loop (the model visits each worker's data in turn);
+* :func:`fedavg`: FedAvg rounds with a :class:`Strategy` (:class:`FedAvg`,
+  :class:`SecureFedAvg`), FedProx, dropped workers and checkpoints.
+"""
+
+from veil.fl._checkpoint import load_checkpoint, save_checkpoint
+from veil.fl._data import FederatedDataLoader, FederatedDataset, WorkerData, federate
+from veil.fl._secure_agg import secure_sum
+from veil.fl._strategy import ClientUpdate, FedAvg, SecureFedAvg, Strategy
+from veil.fl._train import FedHistory, NotEnoughWorkers, RoundReport, fedavg, train_sequential
+
+__all__ = [
+    "ClientUpdate",
+    "FedAvg",
+    "FedHistory",
+    "FederatedDataLoader",
+    "FederatedDataset",
+    "NotEnoughWorkers",
+    "RoundReport",
+    "SecureFedAvg",
+    "Strategy",
+    "WorkerData",
+    "fedavg",
+    "federate",
+    "load_checkpoint",
+    "save_checkpoint",
+    "secure_sum",
+    "train_sequential",
+]
