@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/veil demo
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks examples

@@ -1,6 +1,6 @@
 """veil: privacy-preserving deep learning on PyTorch."""
 
-from veil import datasets
+from veil import datasets, fl
 from veil._errors import (
     AuthenticationError,
     CommandNotAllowed,
@@ -46,6 +46,7 @@ __all__ = [
     "__version__",
     "call",
     "datasets",
+    "fl",
     "get",
     "move",
     "remote_function",

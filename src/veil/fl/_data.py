@@ -121,6 +121,7 @@ class FederatedDataLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self._cache: dict[int, list[tuple[PointerTensor, PointerTensor]]] = {}
         self._gen = torch.Generator()
         if seed is not None:
             self._gen.manual_seed(seed)
@@ -138,9 +139,12 @@ class FederatedDataLoader:
             for i in range(0, n, b):
                 idx = order[i:i + b]
                 yield part.data[idx], part.targets[idx]
-        else:
-            for i in range(0, n, b):
-                yield part.data[i:i + b], part.targets[i:i + b]
+        else:  # the same slices every epoch: make them once (views on the worker)
+            key = id(part)
+            if key not in self._cache:
+                self._cache[key] = [(part.data[i:i + b], part.targets[i:i + b])
+                                    for i in range(0, n, b)]
+            yield from self._cache[key]
 
     def __iter__(self) -> Iterator[tuple[PointerTensor, PointerTensor]]:
         for part in self.dataset.parts:

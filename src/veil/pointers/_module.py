@@ -36,16 +36,34 @@ from veil.workers._modules import describe
 
 
 class RemoteModule:
-    """Bookkeeping of a sent module: where it went and, if whole, its remote id."""
+    """Bookkeeping of a sent module: where it went and, if whole, its remote id.
 
-    def __init__(self, worker: Worker, module_id: bytes | None, meta: nn.Module | None):
+    ``meta`` is a meta-device copy of the architecture used to infer output shapes, shared
+    by every module with the same ``spec_key`` (FedAvg sends the same architecture each round).
+    """
+
+    def __init__(self, worker: Worker, module_id: bytes | None, meta: nn.Module | None,
+                 spec_key: Any = None):
         self.worker = worker
         self.module_id = module_id
         self.meta = meta
+        self.spec_key = spec_key
 
     def __del__(self) -> None:
         if self.module_id is not None:
             self.worker._collect(self.module_id)
+
+
+_META_MODULES: dict[Any, nn.Module] = {}
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable form of a module spec."""
+    if isinstance(value, dict):
+        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
 
 
 def _slots(module: nn.Module) -> list[tuple[nn.Module, str, str, bool]]:
@@ -79,8 +97,13 @@ def send_module(module: nn.Module, worker: Worker) -> nn.Module:
         state = {full: v.detach() for (_, _, full, _), v in zip(slots, values)}
         worker._command(StoreModule(module_id, spec, state,
                                    {full: i for (_, _, full, _), i in zip(slots, ids)}))
-        meta = copy.deepcopy(module).to("meta")
-        remote = RemoteModule(worker, module_id, meta)
+        spec_key = _freeze(spec)
+        meta = _META_MODULES.get(spec_key)
+        if meta is None:
+            if len(_META_MODULES) > 256:
+                _META_MODULES.clear()
+            meta = _META_MODULES[spec_key] = copy.deepcopy(module).to("meta")
+        remote = RemoteModule(worker, module_id, meta, spec_key)
     else:
         # Tied tensors are sent once and share one pointer.
         seen: dict[int, bytes] = {}
@@ -116,7 +139,7 @@ class _RemoteForward:
         training = module.training
         w = _Walk("veil.module_call")
         w.location = remote.worker
-        w.key.append(remote.module_id)
+        w.key.append(remote.spec_key)
         w.key.append(training)
         wargs = tuple(_wire(x, w) for x in inputs)
         key = tuple(w.key)
