@@ -31,14 +31,19 @@ def paper_mlp() -> nn.Module:
                          nn.Linear(24, 1))
 
 
+def epoch(model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[Any, Any]]) -> None:
+    """One epoch of the paper's loop (the same code for local and remote tensors)."""
+    for xb, yb in batches:
+        opt.zero_grad()
+        loss = F.mse_loss(model(xb), yb)
+        loss.backward()
+        opt.step()
+
+
 def train(model: nn.Module, batches: list[tuple[Any, Any]], epochs: int) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     for _ in range(epochs):
-        for xb, yb in batches:
-            opt.zero_grad()
-            loss = F.mse_loss(model(xb), yb)
-            loss.backward()
-            opt.step()
+        epoch(model, opt, batches)
 
 
 @contextlib.contextmanager
@@ -81,22 +86,30 @@ def main(argv: list[str] | None = None) -> None:
         for m, w in workers.items():
             train(paper_mlp().send(w), remote[m], 1)
         for _ in range(args.repeats):
-            # interleave kinds in each repeat so that machine noise hits all of them alike
-            t0 = time.perf_counter()
-            train(paper_mlp(), local, args.epochs)
-            times["plain PyTorch"].append((time.perf_counter() - t0) / n_batches)
+            # Epochs of all kinds are interleaved so that machine noise hits them alike.
+            models = {"plain PyTorch": paper_mlp()}
             for m, w in workers.items():
-                model = paper_mlp().send(w)
+                models[m] = paper_mlp().send(w)
                 w.flush()
-                before = _count(w)
-                t0 = time.perf_counter()
-                train(model, remote[m], args.epochs)
-                w.flush()
-                times[m].append((time.perf_counter() - t0) / n_batches)
+            opts = {m: torch.optim.SGD(model.parameters(), lr=0.001)
+                    for m, model in models.items()}
+            spent = dict.fromkeys(models, 0.0)
+            before = {m: _count(w) for m, w in workers.items()}
+            for _ in range(args.epochs):
+                for m, model in models.items():
+                    batches = local if m == "plain PyTorch" else remote[m]
+                    t0 = time.perf_counter()
+                    epoch(model, opts[m], batches)
+                    if m in workers:
+                        workers[m].flush()
+                    spent[m] += time.perf_counter() - t0
+            for m in models:
+                times[m].append(spent[m] / n_batches)
+            for m, w in workers.items():
                 after = _count(w)
-                counts[m] = ((after[0] - before[0]) / n_batches,
-                             (after[1] - before[1]) / n_batches)
-                model.get()
+                counts[m] = ((after[0] - before[m][0]) / n_batches,
+                             (after[1] - before[m][1]) / n_batches)
+                models[m].get()
 
     base = statistics.median(times["plain PyTorch"])
     print(f"Boston Housing MLP, batch 8, {args.epochs} epochs, median of {args.repeats} repeats")

@@ -320,15 +320,40 @@ def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     return _dispatch(loc, name, wargs, wkwargs, spec)
 
 
+_SIMPLE = frozenset({int, float, bool, type(None), str})
+
+
 def _call_inplace(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
-    """In-place operations keep their first argument's shape: no meta inference needed."""
+    """In-place operations keep their first argument's shape: no meta inference needed.
+
+    This is the optimizer's hot path (``param.add_(grad, alpha=-lr)``), so the common case of
+    pointers and Python scalars is handled inline and anything else by the general walk.
+    """
+    loc = None
+    wargs = []
+    for a in args:
+        t = type(a)
+        if t is PointerTensor and a._moved_to is None:
+            if loc is None:
+                loc = a.location
+            elif a.location is not loc:
+                break
+            wargs.append(a._ref)
+        elif t in _SIMPLE:
+            wargs.append(a)
+        else:
+            break
+    else:
+        if loc is not None and all(type(v) in _SIMPLE for v in kwargs.values()):
+            loc._run(name, tuple(wargs), kwargs, None)
+            return None if name == "Tensor.__setitem__" else args[0]
     w = _Walk(name)
-    wargs = tuple(_wire(a, w) for a in args)
+    wargs = [_wire(a, w) for a in args]
     wkwargs = {k: _wire(v, w) for k, v in kwargs.items()} if kwargs else {}
     loc = w.location
     if loc is None:
         raise WorkerMismatch(f"{name}: no argument is a pointer at the top level")
-    loc._run(name, wargs, wkwargs, None)
+    loc._run(name, tuple(wargs), wkwargs, None)
     return None if name == "Tensor.__setitem__" else args[0]
 
 
@@ -471,7 +496,7 @@ def _backward(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
 def refresh_grads(loc: Worker) -> None:
     """Learn which leaf pointers on ``loc`` now have a ``.grad`` (one round trip)."""
     leaves = list(loc._leaves.items())
-    flags = loc._request(Query("grads", tuple(oid for oid, _ in leaves)))
+    flags = loc._grad_flags(tuple(oid for oid, _ in leaves))
     for (_, p), flag in zip(leaves, flags):
         p._has_grad = bool(flag)
 

@@ -60,6 +60,11 @@ class Worker(ABC):
             the ``allowed`` list of private data.
     """
 
+    #: Deletes of garbage-collected pointers are sent once this many are queued. Remote
+    #: transports batch them; in-process workers free at once (old autograd graphs kept
+    #: alive cost more than the messages).
+    gc_batch: int = GC_BATCH
+
     def __init__(self, name: str, *, client_name: str = "me") -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"a worker needs a non-empty str name, got {name!r}")
@@ -99,6 +104,10 @@ class Worker(ABC):
         """Submit the command ``op`` (a transport may override this to skip the message)."""
         self._command(ExecuteCommand(op, args, kwargs, result_ids))
 
+    def _grad_flags(self, ids: tuple[bytes, ...]) -> list[bool]:
+        """Which of ``ids`` have a ``.grad`` on the worker (a query; flushes the pipeline)."""
+        return self._request(Query("grads", ids))
+
     def _defer_grad_clear(self, ref: Any) -> None:
         """Queue ``.grad = None`` for a tensor; sent as one command before the next message."""
         self._grad_clears.append(ref)
@@ -134,7 +143,7 @@ class Worker(ABC):
             self._submit(DeleteObjects(ids))
 
     def _maybe_flush_gc(self) -> None:
-        if len(self._gc) >= GC_BATCH:
+        if len(self._gc) >= self.gc_batch:
             self._flush_gc()
 
     # ------------------------------------------------------------------ public API

@@ -277,17 +277,25 @@ class WorkerNode:
             fn = lookup(op)  # raises CommandNotAllowed naming it
         perms: list[Permission | None] = [None]
         objects = self.store.objects
+        private = self.store.perms
         args = []
         for a in wargs:
-            if type(a) is Ref:
+            t = type(a)
+            if t is Ref:
                 obj = objects.get(a.id)
-                if obj is None or (self.store.perms and a.id in self.store.perms):
+                if obj is None or (private and a.id in private):
                     obj = self._resolve_one(a, perms)
                 args.append(obj)
+            elif t in _PLAIN:
+                args.append(a)
             else:
                 args.append(self._resolve_one(a, perms))
-        kwargs = {k: self._resolve_one(v, perms) for k, v in wkwargs.items()} \
-            if wkwargs else {}
+        if wkwargs:
+            kwargs = {}
+            for k, v in wkwargs.items():
+                kwargs[k] = v if type(v) in _PLAIN else self._resolve_one(v, perms)
+        else:
+            kwargs = wkwargs
         result = fn(*args, **kwargs)
         if result_ids is not None:
             self._store_results(result_ids, result, perms[0], session)
@@ -328,6 +336,9 @@ class WorkerNode:
             raise ProtocolError("the command's result does not match its result ids")
         for i, r in zip(ids, result):
             self._store_results(i, r, perm, session)
+
+
+_PLAIN = frozenset({int, float, bool, str, type(None)})
 
 
 def _describe(obj: Any) -> Any:

@@ -37,6 +37,8 @@ class VirtualWorker(Worker):
         client_name: the requester name this handle presents to the worker.
     """
 
+    gc_batch = 1
+
     def __init__(self, name: str, *, serialize: bool = False, client_name: str = "me") -> None:
         super().__init__(name, client_name=client_name)
         self.serialize = serialize
@@ -79,8 +81,17 @@ class VirtualWorker(Worker):
             self._flush_grad_clears()
         self.messages += 1
         self.node.execute(op, args, kwargs, result_ids, self._session)
-        if len(self._gc) >= 64:
+        if len(self._gc) >= self.gc_batch:
             self._flush_gc()
+
+    def _grad_flags(self, ids: tuple[bytes, ...]) -> list[bool]:
+        if self.serialize or self._session.error is not None or self._gc:
+            return super()._grad_flags(ids)  # the message path reports pending errors
+        if self._grad_clears:
+            self._flush_grad_clears()
+        self.messages += 1
+        objects = self.node.store.objects
+        return [getattr(objects.get(i), "grad", None) is not None for i in ids]
 
     def _send_request(self, msg: Any) -> Reply | ErrorReply:
         self.messages += 1
