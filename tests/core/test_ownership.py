@@ -32,6 +32,19 @@ def test_host_search_and_private_get(make_workers):
     assert torch.equal((torch.ones(1).send(alice) + 1).get(), torch.tensor([2.0]))
 
 
+def test_inplace_writes_of_private_values_taint_the_target(make_workers):
+    alice = make_workers("alice")
+    alice.host(torch.tensor([5.0, 6.0]), tags=("#x",), private=True)
+    (secret,) = alice.search("#x")
+    public = torch.zeros(2).send(alice)
+    other = torch.zeros(2).send(alice)
+    public.add_(secret)
+    other[0] = secret[1]
+    for leaked in (public, other):
+        with pytest.raises(veil.PermissionDenied):
+            leaked.get()
+
+
 def test_allowed_requester_may_get(make_workers):
     alice = make_workers("alice")
     alice.host(torch.tensor([1.0, 2.0]), tags=("#x",), private=True, allowed=("me",))

@@ -139,8 +139,10 @@ class Worker(ABC):
 
     def _flush_gc(self) -> None:
         if self._gc:
-            ids, self._gc = tuple(self._gc), []
-            self._submit(DeleteObjects(ids))
+            # Swap first: a finalizer running meanwhile (any thread) appends to the list we
+            # now hold or to the new one, never to nowhere.
+            pending, self._gc = self._gc, []
+            self._submit(DeleteObjects(tuple(pending)))
 
     def _maybe_flush_gc(self) -> None:
         if len(self._gc) >= self.gc_batch:

@@ -299,6 +299,12 @@ class WorkerNode:
         result = fn(*args, **kwargs)
         if result_ids is not None:
             self._store_results(result_ids, result, perms[0], session)
+        elif perms[0] is not None and wargs and type(wargs[0]) is Ref:
+            # An in-place op or setter wrote private values into its first argument: the
+            # target now carries their restriction too.
+            target = wargs[0].id
+            if target in objects:
+                private[target] = perms[0].merge(private.get(target))
 
     def _resolve_one(self, a: Any, perms: list[Permission | None]) -> Any:
         t = type(a)
