@@ -9,10 +9,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from veil._errors import ProtocolError, WorkerMismatch
-from veil.pointers import _meta
+from veil._errors import ProtocolError
 from veil.pointers._module import get_module, send_module
-from veil.pointers._tensor import PointerTensor, _dispatch, _to_meta, _Walk, _wire
+from veil.pointers._tensor import PointerTensor, run_remote
 from veil.workers._allowlist import register_function
 from veil.workers._base import Worker, new_id
 from veil.workers._messages import StoreObject
@@ -85,26 +84,7 @@ def remote_function(name: str, *, meta: Callable[..., Any] | None = None) -> Cal
 
 def _call_registered(wire: str, shape_fn: Callable[..., Any], location: Worker | None,
                      args: Any, kwargs: dict[str, Any]) -> Any:
-    w = _Walk(wire)
-    w.location = location
-    wargs = tuple(_wire(a, w) for a in args)
-    wkwargs = {}
-    for k, v in kwargs.items():
-        w.key.append(k)
-        wkwargs[k] = _wire(v, w)
-    if w.location is None:
-        raise WorkerMismatch(f"{wire}: no worker to run on")
-    key = tuple(w.key)
-    try:
-        spec = _meta.lookup(key)
-    except TypeError:
-        key, spec = None, None
-    if spec is None:
-        spec = _meta.infer(shape_fn, tuple(_to_meta(a) for a in args),
-                           {k: _to_meta(v) for k, v in kwargs.items()})
-        if key is not None and spec is not None:
-            _meta.remember(key, spec)
-    return _dispatch(w.location, wire, wargs, wkwargs, spec)
+    return run_remote(wire, shape_fn, args, kwargs, location)
 
 
 def call(worker: Worker, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

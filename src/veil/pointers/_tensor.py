@@ -298,7 +298,17 @@ def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         inplace = _INPLACE[name] = _inplace(name)
     if inplace:
         return _call_inplace(name, args, kwargs)
+    return run_remote(name, func, args, kwargs)
+
+
+def run_remote(name: str, shape_fn: Any, args: Any, kwargs: dict[str, Any],
+               location: Worker | None = None) -> Any:
+    """Send command ``name`` to where its pointer arguments live (or to ``location``).
+
+    ``shape_fn`` run on meta tensors gives the results' shapes, cached per signature.
+    """
     w = _Walk(name)
+    w.location = location
     wargs = tuple(_wire(a, w) for a in args)
     wkwargs = {}
     for k, v in kwargs.items():
@@ -313,7 +323,7 @@ def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     except TypeError:  # an unhashable argument: no caching for this call
         key, spec = None, None
     if spec is None:
-        spec = _meta.infer(func, tuple(_to_meta(a) for a in args),
+        spec = _meta.infer(shape_fn, tuple(_to_meta(a) for a in args),
                            {k: _to_meta(v) for k, v in kwargs.items()})
         if key is not None and spec is not None:
             _meta.remember(key, spec)
