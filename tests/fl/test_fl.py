@@ -244,3 +244,43 @@ def test_fedprox_runs_and_differs():
     fl.fedavg(a, ds, rounds=1, local_epochs=2, lr=0.01)
     fl.fedavg(b, ds, rounds=1, local_epochs=2, lr=0.01, prox_mu=1.0)
     assert not torch.allclose(a[0].weight, b[0].weight)
+
+
+def test_dp_fedavg_clips_noises_and_accounts():
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    workers = [veil.VirtualWorker(n) for n in ("alice", "bob")]
+    updates = [torch.full((4,), 10.0).send(workers[0]), torch.full((4,), 0.1).send(workers[1])]
+    cu = [fl.ClientUpdate(w, 5, u) for w, u in zip(workers, updates)]
+    # without noise the result is the mean of the clipped updates
+    exact = fl.DPFedAvg(0.0, max_norm=1.0, total_clients=2).aggregate(cu)
+    # (10,10,10,10) has norm 20: clipped to norm 1; (0.1, ...) has norm 0.2: kept
+    assert torch.allclose(exact, torch.full((4,), (0.5 + 0.1) / 2, dtype=torch.float64))
+    secure = fl.DPFedAvg(0.0, max_norm=1.0, total_clients=2, secure=True).aggregate(cu)
+    assert torch.allclose(secure, exact, atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    strat = fl.DPFedAvg(1.0, max_norm=1.0, total_clients=2, generator=gen)
+    noisy = strat.aggregate(cu)
+    assert not torch.allclose(noisy, exact)
+    acc = RdpAccountant()
+    acc.compose(GaussianDpEvent(1.0), 1)
+    assert strat.epsilon() == pytest.approx(acc.get_epsilon(1e-5))
+    budget = fl.DPFedAvg(1.0, 1.0, 2, max_epsilon=strat.epsilon() * 1.05)
+    budget.aggregate(cu)
+    with pytest.raises(veil.PrivacyBudgetExceeded, match="over the budget"):
+        budget.aggregate(cu)
+    assert len(budget.rounds) == 1  # the refused round spent nothing
+
+
+def test_dp_fedavg_trains():
+    alice, bob = veil.VirtualWorker("alice"), veil.VirtualWorker("bob")
+    data = veil.datasets.boston()
+    ds = fl.federate(data.x_train, data.y_train, [alice, bob])
+    model = mlp()
+    strat = fl.DPFedAvg(0.5, max_norm=5.0, total_clients=2,
+                        generator=torch.Generator().manual_seed(0))
+    fl.fedavg(model, ds, rounds=3, lr=0.001, strategy=strat)
+    assert len(strat.rounds) == 3 and strat.epsilon() > 0
+    with torch.no_grad():
+        assert torch.isfinite(F.mse_loss(model(data.x_test), data.y_test))

@@ -4,17 +4,19 @@
 * :class:`FederatedDataLoader`: pointer batches, worker by worker;
 * :func:`train_sequential`: the paper's loop (the model visits each worker's data in turn);
 * :func:`fedavg`: FedAvg rounds with a :class:`Strategy` (:class:`FedAvg`,
-  :class:`SecureFedAvg`), FedProx, dropped workers and checkpoints.
+  :class:`SecureFedAvg`, :class:`DPFedAvg`), FedProx, dropped workers and checkpoints.
 """
 
 from veil.fl._checkpoint import load_checkpoint, save_checkpoint
 from veil.fl._data import FederatedDataLoader, FederatedDataset, WorkerData, federate
+from veil.fl._dp import DPFedAvg
 from veil.fl._secure_agg import secure_sum
 from veil.fl._strategy import ClientUpdate, FedAvg, SecureFedAvg, Strategy
 from veil.fl._train import FedHistory, NotEnoughWorkers, RoundReport, fedavg, train_sequential
 
 __all__ = [
     "ClientUpdate",
+    "DPFedAvg",
     "FedAvg",
     "FedHistory",
     "FederatedDataLoader",
