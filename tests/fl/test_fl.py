@@ -278,7 +278,7 @@ def test_dp_fedavg_trains():
     data = veil.datasets.boston()
     ds = fl.federate(data.x_train, data.y_train, [alice, bob])
     model = mlp()
-    strat = fl.DPFedAvg(0.5, max_norm=5.0, total_clients=2,
+    strat = fl.DPFedAvg(0.05, max_norm=1.0, total_clients=2,
                         generator=torch.Generator().manual_seed(0))
     fl.fedavg(model, ds, rounds=3, lr=0.001, strategy=strat)
     assert len(strat.rounds) == 3 and strat.epsilon() > 0
