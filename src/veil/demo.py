@@ -167,9 +167,13 @@ def plot(rows: list[Row], tasks: list[Task], out: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4))
     for ax, task in zip(axes, tasks):
-        for r in rows:
-            if r.task == task.name and r.curve:
-                ax.plot(range(1, len(r.curve) + 1), r.curve, marker="o", label=r.method)
+        styles = ["-", "--", "-.", ":"]
+        mine = [r for r in rows if r.task == task.name and r.curve]
+        for k, r in enumerate(mine):  # identical curves overlap: vary style and marker size
+            ax.plot(range(1, len(r.curve) + 1), r.curve, styles[k % 4], marker="o",
+                    markersize=8 - k, label=r.method)
+        if task.metric_name != "accuracy":
+            ax.set_yscale("log")
         ax.set_title(task.name)
         ax.set_xlabel("epoch (FedAvg: round)")
         ax.set_ylabel(task.metric_name)
