@@ -11,6 +11,7 @@ Run: ``python benchmarks/fl.py [--rounds 5] [--repeats 5]``
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -68,9 +69,64 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(ts)
         print(f"{name:<34}{med * 1e3:>10.1f}{med / base:>7.2f}x")
     try:
-        import flwr  # noqa: F401
+        import flwr
     except ImportError:
         print("Flower (flwr) is not installed: no Flower row (pip install 'flwr[simulation]')")
+        return
+    flower = flower_round_seconds(x, y, args.rounds)
+    print(f"{'Flower ' + flwr.__version__ + ' simulation':<34}{flower * 1e3:>10.1f}"
+          f"{flower / base:>7.2f}x")
+    print("(Flower: (time of 2R rounds - time of R rounds) / R, so start-up is not counted)")
+
+
+def flower_round_seconds(x: torch.Tensor, y: torch.Tensor, rounds: int) -> float:
+    """Seconds per FedAvg round of the same task in Flower's simulation engine."""
+    import logging
+
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    half = len(x) // 2
+    parts = [(x[:half], y[:half]), (x[half:], y[half:])]
+
+    def get(model: nn.Module) -> list:
+        return [p.detach().numpy().copy() for p in model.parameters()]
+
+    class Client(NumPyClient):
+        def __init__(self, cid: int):
+            self.x, self.y = parts[cid]
+            self.model = mlp()
+
+        def fit(self, parameters, config):
+            with torch.no_grad():
+                for p, v in zip(self.model.parameters(), parameters):
+                    p.copy_(torch.from_numpy(v))
+            local_epoch(self.model, self.x, self.y)
+            return get(self.model), len(self.x), {}
+
+    def client_fn(context: Context):
+        return Client(int(context.node_config["partition-id"])).to_client()
+
+    def timed(n_rounds: int) -> float:
+        def server_fn(context: Context) -> ServerAppComponents:
+            strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=2,
+                              min_available_clients=2,
+                              initial_parameters=ndarrays_to_parameters(get(mlp())))
+            return ServerAppComponents(strategy=strategy,
+                                       config=ServerConfig(num_rounds=n_rounds))
+
+        t0 = time.perf_counter()
+        run_simulation(ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn),
+                       num_supernodes=2,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        return time.perf_counter() - t0
+
+    return (timed(2 * rounds) - timed(rounds)) / rounds
 
 
 if __name__ == "__main__":
