@@ -229,6 +229,18 @@ def test_checkpoint_resume_loses_nothing(tmp_path):
         assert torch.allclose(p, q, atol=1e-6)
 
 
+def test_checkpoint_keeps_privacy_spent(tmp_path):
+    alice, bob = veil.VirtualWorker("alice"), veil.VirtualWorker("bob")
+    data = veil.datasets.boston()
+    ds = fl.federate(data.x_train[:60], data.y_train[:60], [alice, bob])
+    path = tmp_path / "dp.ckpt"
+    first = fl.DPFedAvg(0.05, 1.0, 2, generator=torch.Generator().manual_seed(1))
+    fl.fedavg(mlp(), ds, rounds=2, strategy=first, checkpoint=path)
+    again = fl.DPFedAvg(0.05, 1.0, 2)
+    fl.fedavg(mlp(), ds, rounds=3, strategy=again, checkpoint=path)
+    assert len(again.rounds) == 3  # the two rounds before the restart still count
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
     path = tmp_path / "bad.ckpt"
     path.write_bytes(b"\x93garbage")

@@ -14,6 +14,8 @@ move the sum by more than ``max_norm``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.rdp import RdpAccountant
@@ -73,6 +75,13 @@ class DPFedAvg(Strategy):
         for q in rates:
             acc.compose(PoissonSampledDpEvent(q, GaussianDpEvent(self.noise_multiplier)))
         return float(acc.get_epsilon(self.delta if delta is None else delta))
+
+    def state(self) -> dict[str, Any]:
+        return {"rounds": list(self.rounds), "generator": self.generator.get_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rounds = [float(q) for q in state["rounds"]]
+        self.generator.set_state(state["generator"])
 
     def aggregate(self, updates: list[ClientUpdate]) -> torch.Tensor:
         rate = min(1.0, len(updates) / self.total_clients)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,13 @@ class Strategy(ABC):
 
     #: A short name for reports.
     name: str = "strategy"
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must keep of this strategy (e.g. privacy spent). Default: none."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Restore what :meth:`state` returned."""
 
     @abstractmethod
     def aggregate(self, updates: list[ClientUpdate]) -> torch.Tensor:

@@ -151,6 +151,7 @@ def fedavg(model: nn.Module, dataset: FederatedDataset, *, rounds: int = 10,
         model.load_state_dict(state["model"])
         history = FedHistory.from_state(state["history"])
         loader._gen.set_state(state["generator"])
+        strategy.load_state(state.get("strategy", {}))
         first = int(state["round"]) + 1
     if parallel is None:
         parallel = any(not isinstance(p.worker, VirtualWorker) for p in dataset.parts)
@@ -192,7 +193,8 @@ def fedavg(model: nn.Module, dataset: FederatedDataset, *, rounds: int = 10,
             if checkpoint is not None:
                 save_checkpoint(checkpoint, {
                     "round": rnd, "model": dict(model.state_dict()),
-                    "history": history.to_state(), "generator": loader._gen.get_state()})
+                    "history": history.to_state(), "generator": loader._gen.get_state(),
+                    "strategy": strategy.state()})
             if on_round is not None:
                 on_round(report, model)
             bar.update()
