@@ -102,7 +102,7 @@ class Worker(ABC):
 
     def _run(self, op: str, args: Any, kwargs: dict[str, Any], result_ids: Any) -> None:
         """Submit the command ``op`` (a transport may override this to skip the message)."""
-        self._command(ExecuteCommand(op, args, kwargs, result_ids))
+        self._command(ExecuteCommand(op, args, kwargs, result_ids, torch.is_grad_enabled()))
 
     def _grad_flags(self, ids: tuple[bytes, ...]) -> list[bool]:
         """Which of ``ids`` have a ``.grad`` on the worker (a query; flushes the pipeline)."""

@@ -97,17 +97,19 @@ class ExecuteCommand:
     """Run the allow-listed operation ``op`` and store its results under ``result_ids``.
 
     ``args`` and ``kwargs`` may contain :class:`~veil.serde.Ref` and
-    :class:`~veil.serde.GradRef` values naming stored objects.
+    :class:`~veil.serde.GradRef` values naming stored objects. ``grad`` is the caller's
+    grad mode: False runs the operation under ``torch.no_grad()`` (an optimizer's step).
     """
 
     op: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     result_ids: Any
+    grad: bool = True
 
     def validate(self) -> None:
-        if type(self.op) is not str:
-            raise SerializationError("op must be a str")
+        if type(self.op) is not str or type(self.grad) is not bool:
+            raise SerializationError("op must be a str and grad a bool")
         if not isinstance(self.args, (tuple, list)) or not isinstance(self.kwargs, dict):
             raise SerializationError("args must be a sequence and kwargs a mapping")
         _check_result_ids(self.result_ids)

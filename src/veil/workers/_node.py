@@ -268,7 +268,11 @@ class WorkerNode:
             session.fail(exc, op)
 
     def _execute(self, msg: ExecuteCommand, session: Session) -> None:
-        self._run(msg.op, msg.args, msg.kwargs, msg.result_ids, session)
+        if msg.grad:
+            self._run(msg.op, msg.args, msg.kwargs, msg.result_ids, session)
+        else:
+            with torch.no_grad():
+                self._run(msg.op, msg.args, msg.kwargs, msg.result_ids, session)
 
     def _run(self, op: str, wargs: Any, wkwargs: dict[str, Any], result_ids: Any,
              session: Session) -> None:
