@@ -1,4 +1,7 @@
-"""The ``veil`` command line: ``veil demo`` (and subcommands that other modules add)."""
+"""The ``veil`` command line: ``veil demo``, ``veil worker``, ``veil token``.
+
+Subcommands live in :data:`COMMANDS`; each takes the arguments after its name.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +17,34 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _worker(argv: list[str]) -> int:
+    from veil.net._command import worker_main
+
+    return worker_main(argv)
+
+
+def _token(argv: list[str]) -> int:
+    from veil.net._command import token_main
+
+    return token_main(argv)
+
+
 #: subcommand -> (help, entry taking the remaining arguments and returning an exit code)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "demo": ("reproduce the paper's experiments and print one table", _demo),
+    "worker": ("serve a worker over WebSockets (veil worker --help)", _worker),
+    "token": ("make a fresh token for a worker's --token-file", _token),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="veil", description="privacy-preserving deep learning")
-    parser.add_argument("command", choices=sorted(COMMANDS),
-                        help="; ".join(f"{k}: {v[0]}" for k, v in sorted(COMMANDS.items())))
+    parser.add_argument(
+        "command",
+        choices=sorted(COMMANDS),
+        help="; ".join(f"{k}: {v[0]}" for k, v in sorted(COMMANDS.items())),
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2

@@ -1,0 +1,304 @@
+"""The client's handle on a network worker: :func:`connect` and :class:`WebSocketWorker`."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from veil._errors import LimitExceeded, WorkerUnavailable
+from veil.net._auth import ClientHandshake, Welcome, normalize_token
+from veil.net._conn import BlockingConnection
+from veil.net._frames import batch_frame, session_address, split_address
+from veil.net._tls import client_context
+from veil.serde import decode, encode
+from veil.workers import ErrorReply, MoveObject, Reply, Worker
+
+#: Buffered messages are sent early (without waiting for a request) past this many bytes...
+FLUSH_BYTES = 8 << 20
+#: ...or this many messages.
+FLUSH_MESSAGES = 4096
+#: Early frames whose acknowledgements are not read yet, at most.
+MAX_UNACKED = 8
+#: Room left in a frame for the Batch around the messages.
+_FRAME_OVERHEAD = 64
+
+#: Open handles by address, so that a move to one of them can order itself (see _submit).
+_HANDLES: weakref.WeakValueDictionary[str, WebSocketWorker] = weakref.WeakValueDictionary()
+
+
+def connect(
+    url: str,
+    *,
+    token: str | bytes | None = None,
+    timeout: float = 60.0,
+    name: str = "me",
+    ca_file: str | Path | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_reply: int | None = 1 << 32,
+) -> WebSocketWorker:
+    """Connect to a network worker (``veil worker``); same API as a :class:`~veil.VirtualWorker`.
+
+    Args:
+        url: ``ws://host:port`` or ``wss://host:port`` (TLS).
+        token: the worker's token (the content of its token file), proved without being sent.
+        timeout: seconds any step may wait for the worker; past it (or when the connection
+            drops) calls raise :class:`veil.WorkerUnavailable`.
+        name: the requester name presented to the worker (what ``allowed`` lists of private
+            data name).
+        ca_file: PEM certificates to trust for ``wss://`` (e.g. the worker's self-signed
+            certificate); default: the system's trusted authorities.
+        ssl_context: a TLS client context to use instead of ``ca_file``.
+        max_reply: largest reply accepted, in bytes (None: no limit).
+
+    Raises:
+        veil.WorkerUnavailable: the worker cannot be reached.
+        veil.AuthenticationError: the token (or the worker's certificate) was not accepted.
+    """
+    return WebSocketWorker(
+        url,
+        token=token,
+        timeout=timeout,
+        name=name,
+        ca_file=ca_file,
+        ssl_context=ssl_context,
+        max_reply=max_reply,
+    )
+
+
+class WebSocketWorker(Worker):
+    """A handle on a worker served by ``veil worker``, over one WebSocket connection.
+
+    Pipelined messages are encoded at once and buffered; they travel in the same frame as the
+    next request, so a training step costs about one round trip. Use it from one thread at a
+    time (calls from several threads are serialized). Closing it (or losing the connection)
+    makes the worker release every object this handle created there.
+
+    Counters for benchmarks: ``messages``, ``frames``, ``round_trips``, ``bytes_sent``,
+    ``bytes_received``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | bytes | None = None,
+        timeout: float = 60.0,
+        name: str = "me",
+        ca_file: str | Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        max_reply: int | None = 1 << 32,
+    ) -> None:
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError("name must be a non-empty str")
+        base, key = split_address(url)
+        if key:
+            raise ValueError("connect to a worker's URL, not to a session address")
+        if ssl_context is None and base.startswith("wss:"):
+            ssl_context = client_context(ca_file)
+        elif ca_file is not None and ssl_context is not None:
+            raise ValueError("pass ca_file or ssl_context, not both")
+        self.url = url
+        self.timeout = float(timeout)
+        self._token = normalize_token(token) if token is not None else None
+        self._ssl = ssl_context
+        self._max_reply = max_reply
+        self._lock = threading.RLock()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._unacked = 0
+        self._ack_error: ErrorReply | None = None
+        self._after: weakref.WeakSet[WebSocketWorker] = weakref.WeakSet()
+        self.messages = 0
+        self.frames = 0
+        self.round_trips = 0
+        self._old_sent = 0
+        self._old_received = 0
+        conn, welcome, worker = self._open(name)
+        super().__init__(worker, client_name=name)
+        self._install(conn, welcome)
+
+    # ------------------------------------------------------------------ connection
+
+    def _open(self, client_name: str) -> tuple[BlockingConnection, Welcome, str]:
+        conn = BlockingConnection(
+            self.url, timeout=self.timeout, ssl_context=self._ssl, max_size=self._max_reply
+        )
+        try:
+            hs = ClientHandshake(conn.recv(), self._token, client_name)
+            conn.name = f"worker {hs.challenge.worker!r} at {self.url}"
+            conn.send(hs.frame)
+            welcome = hs.finish(conn.recv())
+        except BaseException:
+            conn.abort()
+            raise
+        return conn, welcome, hs.challenge.worker
+
+    def _install(self, conn: BlockingConnection, welcome: Welcome) -> None:
+        self._conn = conn
+        self.limits = dict(welcome.limits)
+        self._max_frame = int(self.limits.get("max_frame", 1 << 31))
+        self._address = session_address(self.url, welcome.session_key)
+        _HANDLES[self._address] = self
+
+    @property
+    def address(self) -> str:
+        """This handle's session on the worker: moves to it store objects it owns there."""
+        return self._address
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is open."""
+        return self._conn.open
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to the worker (WebSocket framing included), over all connections."""
+        return self._old_sent + self._conn.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the worker, over all connections."""
+        return self._old_received + self._conn.bytes_received
+
+    def close(self) -> None:
+        """Close the connection; the worker releases the objects this handle created."""
+        with self._lock:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._conn.close()
+
+    def reconnect(self) -> None:
+        """Open a fresh connection (a new session: earlier pointers are no longer valid)."""
+        with self._lock:
+            self._conn.abort()
+            conn, welcome, worker = self._open(self.client_name)
+            if worker != self.name:
+                conn.abort()
+                raise WorkerUnavailable(f"{self.url} is now worker {worker!r}, not {self.name!r}")
+            self._old_sent += self._conn.bytes_sent
+            self._old_received += self._conn.bytes_received
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._unacked = 0
+            self._ack_error = None
+            self._gc.clear()
+            self._grad_clears.clear()
+            _HANDLES.pop(self._address, None)
+            self._install(conn, welcome)
+
+    def __enter__(self) -> WebSocketWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "" if self._conn.open else " (closed)"
+        return f"<WebSocketWorker {self.name} at {self.url}{state}>"
+
+    # ------------------------------------------------------------------ transport
+
+    def _submit(self, msg: Any) -> None:
+        data = encode(msg)  # now: the value as it is, and errors at the call that sent it
+        with self._lock:
+            if len(data) + _FRAME_OVERHEAD > self._max_frame:
+                raise LimitExceeded(
+                    f"a {type(msg).__name__} of {len(data)} bytes is over worker "
+                    f"{self.name}'s frame limit of {self._max_frame} bytes"
+                )
+            if (
+                self._pending_bytes + len(data) + _FRAME_OVERHEAD
+                > min(self._max_frame, FLUSH_BYTES)
+                or len(self._pending) >= FLUSH_MESSAGES
+            ):
+                self._send_early()
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self.messages += 1
+        if type(msg) is MoveObject:
+            # The destination must not use the moved object before this worker has delivered
+            # it: the destination handle flushes this one before its next frame.
+            dest = _HANDLES.get(msg.destination)
+            if dest is not None and dest is not self:
+                dest._after.add(self)
+        self._maybe_flush_gc()
+
+    def _sync_sources(self) -> None:
+        while self._after:
+            source = self._after.pop()
+            source.flush()
+
+    def _send_early(self) -> None:
+        """Send the buffered messages now; their acknowledgement is read later."""
+        if not self._pending:
+            return
+        self._sync_sources()
+        frame = batch_frame(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._send(frame)
+        self._unacked += 1
+        while self._unacked > MAX_UNACKED:
+            self._read_ack()
+
+    def _read_ack(self) -> None:
+        reply = self._recv()
+        self._unacked -= 1
+        if type(reply) is ErrorReply and self._ack_error is None:
+            self._ack_error = reply
+
+    def _send_request(self, msg: Any) -> Reply | ErrorReply:
+        data = encode(msg)
+        self._sync_sources()
+        with self._lock:
+            if self._pending_bytes + len(data) + _FRAME_OVERHEAD > self._max_frame:
+                self._send_early()
+            if len(data) + _FRAME_OVERHEAD > self._max_frame:
+                raise LimitExceeded(
+                    f"a {type(msg).__name__} of {len(data)} bytes is over worker "
+                    f"{self.name}'s frame limit of {self._max_frame} bytes"
+                )
+            self._pending.append(data)
+            frame = batch_frame(self._pending)
+            self.messages += 1
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._send(frame)
+            while self._unacked:
+                self._read_ack()
+            reply = self._recv()
+            self.round_trips += 1
+            if self._ack_error is not None:
+                reply, self._ack_error = self._ack_error, None
+            return reply
+
+    def _send(self, frame: bytes) -> None:
+        if not self._conn.open:
+            raise WorkerUnavailable(
+                f"the connection to worker {self.name} at {self.url} is closed; "
+                "call .reconnect() or veil.connect() again"
+            )
+        self.frames += 1
+        self._conn.send(frame)
+
+    def _recv(self) -> Reply | ErrorReply:
+        data = self._conn.recv()
+        try:
+            reply = decode(data)
+        except Exception as exc:
+            self._conn.abort()
+            raise WorkerUnavailable(
+                f"worker {self.name} sent an undecodable reply: {exc}"
+            ) from None
+        if type(reply) is not Reply and type(reply) is not ErrorReply:
+            self._conn.abort()
+            raise WorkerUnavailable(f"worker {self.name} answered with a {type(reply).__name__}")
+        return reply
+
+
+__all__ = ["WebSocketWorker", "connect"]

@@ -1,0 +1,139 @@
+"""Start ``veil worker`` in a subprocess on this machine (tests, benchmarks, demos)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from veil._errors import WorkerUnavailable
+from veil.net._auth import new_token
+
+
+class WorkerProcess:
+    """A ``veil worker`` subprocess listening on a free loopback port.
+
+    Use it as a context manager (or call :meth:`stop`). The worker exits by itself when this
+    process does. Its log is in :attr:`log_file`.
+
+    Args:
+        name: the worker's name.
+        token: the token clients must prove; ``True`` makes a fresh one, None runs without.
+        args: more ``veil worker`` arguments (``--data``, limits, TLS...).
+        scheme: ``"ws"``, or ``"wss"`` when ``args`` give a certificate.
+        start_timeout: seconds to wait for the worker to listen.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        token: str | bool | None = True,
+        args: tuple[str, ...] | list[str] = (),
+        scheme: str = "ws",
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.name = name
+        self.dir = Path(tempfile.mkdtemp(prefix=f"veil-worker-{name}-"))
+        self.token = new_token() if token is True else (token or None)
+        cmd = [
+            sys.executable,
+            "-m",
+            "veil.cli",
+            "worker",
+            "--name",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-file",
+            str(self.dir / "port"),
+            "--exit-with-parent",
+            *args,
+        ]
+        if self.token is not None:
+            token_file = self.dir / "token"
+            token_file.touch(mode=0o600)
+            token_file.write_text(self.token + "\n")
+            cmd += ["--token-file", str(token_file)]
+        self.log_file = self.dir / "worker.log"
+        self._final_log: str | None = None
+        self._log = open(self.log_file, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        self.port = self._wait_for_port(start_timeout)
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+
+    def _wait_for_port(self, timeout: float) -> int:
+        port_file = self.dir / "port"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if port_file.exists():
+                return int(port_file.read_text())
+            if self.proc.poll() is not None:
+                self.stop()
+                raise WorkerUnavailable(
+                    f"veil worker {self.name} exited with {self.proc.returncode}: "
+                    + self.log()[-2000:]
+                )
+            time.sleep(0.02)
+        self.stop()
+        raise WorkerUnavailable(f"veil worker {self.name} did not start within {timeout:g} s")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Whether the process is running."""
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        """What the worker has logged so far (all of it, once stopped)."""
+        if self._final_log is not None:
+            return self._final_log
+        self._log.flush()
+        return self.log_file.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (then SIGKILL after ``timeout``); the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_files()
+        return self.proc.returncode
+
+    def _close_files(self) -> None:
+        if self._final_log is None:
+            self._log.close()
+            self._final_log = self.log_file.read_text(errors="replace")
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies at once, as in a crash."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._close_files()
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def spawn_worker(name: str, **kwargs: object) -> WorkerProcess:
+    """Start ``veil worker --name NAME`` on a free loopback port; see :class:`WorkerProcess`."""
+    return WorkerProcess(name, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,452 @@
+"""The network worker: one :class:`~veil.workers.WorkerNode` served over WebSockets.
+
+One asyncio event loop runs every connection, and the node's messages are handled on it one
+frame at a time, so the node needs no locks. Each connection is authenticated first
+(:mod:`veil.net._auth`); nothing it sends before that is read as a message. Then each binary
+frame (a message or a ``Batch``) gets exactly one reply frame (see :mod:`veil.net._frames`).
+
+Every client has a :class:`~veil.workers.Session` that tracks the objects it created and their
+bytes; going over a limit fails that client's message with :class:`veil.LimitExceeded` and
+rolls back what the message created. When the connection ends, for whatever reason, the
+session's objects are released; data the worker hosts stays.
+
+Moves go worker to worker: the node hands the object to :meth:`_queue_move`, and the server
+delivers it (:class:`~veil.net._peers.PeerLinks`) before handling the client's next message.
+A move's destination address names the receiving client's session, so the moved object
+counts against, and is released with, that client's session there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from veil._errors import (
+    AuthenticationError,
+    LimitExceeded,
+    SerializationError,
+    VeilError,
+    WorkerUnavailable,
+)
+from veil.net._auth import (
+    SESSION_KEY_BYTES,
+    TokenBook,
+    check_auth,
+    make_challenge,
+    make_welcome,
+)
+from veil.net._limits import HeldObjects, Limits
+from veil.net._peers import PeerLinks
+from veil.serde import decode, encode
+from veil.workers import Batch, ErrorReply, Reply, Session, WorkerNode, new_id
+from veil.workers._node import error_reply
+
+log = logging.getLogger("veil.worker")
+
+#: Errors logged per connection; later ones are counted and summed up when it closes.
+LOGGED_ERRORS = 20
+
+
+class _Client:
+    """The state of one authenticated connection."""
+
+    __slots__ = ("errors", "frames", "key", "links", "name", "session", "target", "where", "ws")
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        where: str,
+        name: str,
+        session: Session,
+        key: bytes | None,
+        target: _Client | None,
+    ) -> None:
+        self.ws = ws
+        self.where = where
+        self.name = name
+        self.session = session
+        self.key = key  # None for a worker delivering moved objects into ``target``
+        self.target = target
+        self.links: set[ServerConnection] = set()
+        self.frames = 0
+        self.errors = 0
+
+    def describe(self) -> str:
+        if self.target is not None:
+            return f"worker {self.name!r} ({self.where}) delivering to {self.target.describe()}"
+        return f"client {self.name!r} ({self.where})"
+
+
+class WorkerServer:
+    """A worker served over WebSockets.
+
+    Args:
+        name: the worker's name.
+        host: the interface to bind (loopback unless told otherwise).
+        port: the TCP port; 0 picks a free one (see :attr:`port` once started).
+        tokens: the tokens clients must prove; None accepts any client (loopback only).
+        peer_token: the token this worker proves to other workers when it moves objects to
+            them; default: its own shared token.
+        tls: a TLS server context (``wss://``), or None.
+        peer_ca_file: PEM certificates to trust for ``wss://`` peers.
+        limits: what one client may cost.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8777,
+        tokens: TokenBook | None = None,
+        peer_token: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+        peer_ca_file: str | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("a worker needs a non-empty name")
+        if tokens is None and not _is_loopback(host):
+            raise ValueError(
+                f"refusing to serve on {host} without a token: anyone who can reach it could "
+                "use the worker (give a token file, or bind 127.0.0.1)"
+            )
+        self.name = name
+        self.host = host
+        self.port = port
+        self.tokens = tokens
+        self.tls = tls
+        self.limits = limits or Limits()
+        self.node = WorkerNode(name, send_to_peer=self._queue_move)
+        if peer_token is None and tokens is not None:
+            peer_token = tokens.shared
+        self._peers = PeerLinks(
+            name, peer_token, ca_file=peer_ca_file, timeout=self.limits.peer_timeout
+        )
+        self._outbox: list[tuple[str, Any]] = []
+        self._clients: dict[bytes, _Client] = {}
+        self._connections: set[ServerConnection] = set()
+        self._server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        """Where clients connect (after :meth:`start`)."""
+        scheme = "wss" if self.tls is not None else "ws"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def host_tensor(
+        self,
+        tensor: torch.Tensor,
+        *,
+        tags: tuple[str, ...] = (),
+        description: str = "",
+        private: bool = True,
+        allowed: tuple[str, ...] = (),
+    ) -> bytes:
+        """Host ``tensor`` as the worker's own data (it stays when clients leave); its id."""
+        if type(tensor) is not torch.Tensor:
+            raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+        oid = new_id()
+        self.node.host(
+            oid,
+            tensor,
+            tags=tuple(tags),
+            description=description,
+            private=private,
+            allowed=tuple(allowed),
+        )
+        return oid
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind and start serving."""
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            ssl=self.tls,
+            compression=None,
+            open_timeout=self.limits.handshake_timeout,
+            ping_interval=None,
+            close_timeout=5,
+            max_size=self.limits.max_frame,
+            max_queue=4,
+            server_header=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Close every connection (releasing clients' objects) and stop listening."""
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        await self._peers.close()
+
+    async def run(
+        self,
+        *,
+        port_file: str | Path | None = None,
+        exit_with_parent: bool = False,
+        ready: Callable[[WorkerServer], None] | None = None,
+    ) -> None:
+        """Serve until SIGINT or SIGTERM (or the parent process exits, if asked)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        log.info(
+            "worker %r listening on %s%s",
+            self.name,
+            self.url,
+            "" if self.tokens else " (no token: any local client may connect)",
+        )
+        if port_file is not None:
+            tmp = Path(f"{port_file}.tmp")
+            tmp.write_text(f"{self.port}\n")
+            tmp.replace(port_file)
+        if ready is not None:
+            ready(self)
+        watcher = asyncio.ensure_future(_watch_parent(stop)) if exit_with_parent else None
+        try:
+            await stop.wait()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            log.info("worker %r stopping", self.name)
+            await self.stop()
+            log.info("worker %r stopped", self.name)
+
+    # ------------------------------------------------------------------ connections
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        where = _where(ws)
+        if len(self._connections) >= self.limits.max_clients:
+            log.warning("refused %s: already serving %d connections", where, len(self._connections))
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "too many clients")
+            return
+        _keepalive(ws)
+        self._connections.add(ws)
+        client: _Client | None = None
+        try:
+            client = await self._authenticate(ws, where)
+            if client is not None:
+                log.info("%s connected", client.describe())
+                await self._serve(client)
+        finally:
+            self._connections.discard(ws)
+            if client is not None:
+                self._depart(client)
+
+    async def _authenticate(self, ws: ServerConnection, where: str) -> _Client | None:
+        nonce, challenge = make_challenge(self.name, self.tokens is not None)
+        try:
+            await ws.send(challenge)
+            frame = await asyncio.wait_for(ws.recv(), self.limits.handshake_timeout)
+            hello = check_auth(frame, self.tokens, self.name, nonce)
+            target = None
+            if hello.into:
+                target = self._clients.get(hello.into)
+                if target is None:
+                    raise AuthenticationError("it names a session that does not exist")
+            session = Session(hello.name, track=True, max_objects=self.limits.max_objects)
+            key = secrets.token_bytes(SESSION_KEY_BYTES)
+            if target is None:
+                session.created = HeldObjects(self.node.store.objects)
+            else:
+                session.created = target.session.created  # moved objects are the target's
+            await ws.send(make_welcome(hello, self.name, nonce, key, self.limits.for_client()))
+        except AuthenticationError as exc:
+            log.warning("refused %s: %s", where, exc)
+            await ws.close(CloseCode.POLICY_VIOLATION, "authentication failed")
+            return None
+        except TimeoutError:
+            log.warning(
+                "refused %s: no authentication within %g s", where, self.limits.handshake_timeout
+            )
+            await ws.close(CloseCode.POLICY_VIOLATION, "authentication timed out")
+            return None
+        except ConnectionClosed:
+            log.info("%s left during the handshake", where)
+            return None
+        client = _Client(ws, where, hello.name, session, None if target else key, target)
+        if target is None:
+            self._clients[key] = client
+        else:
+            target.links.add(ws)
+        return client
+
+    async def _serve(self, client: _Client) -> None:
+        ws = client.ws
+        idle = self.limits.idle_timeout
+        while True:
+            try:
+                if idle is None:
+                    data = await ws.recv()
+                else:
+                    data = await asyncio.wait_for(ws.recv(), idle)
+            except TimeoutError:
+                log.info("%s idle for %g s: disconnecting", client.describe(), idle)
+                await ws.close(CloseCode.NORMAL_CLOSURE, "idle")
+                return
+            except ConnectionClosed:
+                return
+            if isinstance(data, str):
+                self._log_error(client, "sent a text frame: closing (binary frames only)")
+                await ws.close(CloseCode.UNSUPPORTED_DATA, "binary frames only")
+                return
+            if client.target is not None and client.target.key not in self._clients:
+                await ws.close(CloseCode.GOING_AWAY, "session ended")
+                return
+            reply = await self._frame(data, client)
+            try:
+                await ws.send(reply)
+            except ConnectionClosed:
+                return
+
+    def _depart(self, client: _Client) -> None:
+        if client.target is not None:
+            client.target.links.discard(client.ws)
+            return
+        self._clients.pop(client.key, None)  # type: ignore[arg-type]
+        count = len(client.session.created)
+        self.node.release(client.session)
+        for link in list(client.links):
+            link.transport.abort()  # a worker still delivering into the released session
+        extra = client.errors - LOGGED_ERRORS
+        log.info(
+            "%s disconnected after %d frames; released %d objects%s",
+            client.describe(),
+            client.frames,
+            count,
+            f"; {extra} more errors not logged" if extra > 0 else "",
+        )
+
+    # ------------------------------------------------------------------ messages
+
+    async def _frame(self, data: bytes, client: _Client) -> bytes:
+        """Handle one frame; the bytes of its reply."""
+        client.frames += 1
+        try:
+            reply = await self._messages(data, client)
+        except Exception as exc:  # a bug in the worker must not end it, nor this client
+            log.exception("internal error handling a frame from %s", client.describe())
+            reply = ErrorReply("RemoteError", f"internal error on the worker: {exc!r}", None)
+        if type(reply) is ErrorReply:
+            self._log_error(
+                client, f"{reply.kind}: {reply.message}" + (f" (op {reply.op})" if reply.op else "")
+            )
+        try:
+            return encode(reply)
+        except SerializationError as exc:
+            self._log_error(client, f"reply cannot be encoded: {exc}")
+            return encode(error_reply(exc))
+
+    async def _messages(self, data: bytes, client: _Client) -> Reply | ErrorReply:
+        try:
+            msg = decode(data)
+        except SerializationError as exc:
+            return error_reply(exc)
+        msgs = msg.messages if type(msg) is Batch else (msg,)
+        session = client.session
+        held: HeldObjects = session.created  # type: ignore[assignment]
+        node = self.node
+        reply: Reply | ErrorReply | None = None
+        last = len(msgs) - 1
+        for i, m in enumerate(msgs):
+            held.added.clear()
+            reply = node.handle(m, session)
+            if held.nbytes > self.limits.max_bytes:
+                self._roll_back(session, held, m)
+            if self._outbox:
+                pending, self._outbox = self._outbox, []
+                await self._deliver(pending, session)
+            if i != last and reply is not None:
+                # Requests belong at the end of a frame; one in the middle keeps its error
+                # for the next request rather than losing it.
+                if type(reply) is ErrorReply and session.error is None:
+                    session.error = reply
+                reply = None
+        return reply if reply is not None else Reply(None)
+
+    def _roll_back(self, session: Session, held: HeldObjects, msg: Any) -> None:
+        over = held.nbytes
+        for oid in list(held.added):
+            self.node.store.delete(oid)
+            held.discard(oid)
+        session.fail(
+            LimitExceeded(
+                f"the client would hold {over} bytes on worker {self.name!r}; the limit is "
+                f"{self.limits.max_bytes}"
+            ),
+            getattr(msg, "op", None) or type(msg).__name__,
+        )
+
+    # ------------------------------------------------------------------ moves
+
+    def _queue_move(self, address: str, msg: Any) -> None:
+        """The node's ``send_to_peer``: delivered by :meth:`_deliver` right after the message."""
+        self._outbox.append((address, msg))
+
+    async def _deliver(self, pending: list[tuple[str, Any]], session: Session) -> None:
+        for address, msg in pending:
+            try:
+                await self._peers.deliver(address, msg)
+            except VeilError as exc:
+                session.fail(exc, "move")
+            except Exception as exc:
+                session.fail(WorkerUnavailable(f"cannot deliver to {address}: {exc!r}"), "move")
+
+    def _log_error(self, client: _Client, text: str) -> None:
+        client.errors += 1
+        if client.errors <= LOGGED_ERRORS:
+            log.warning("error for %s: %s", client.describe(), text[:300])
+        elif client.errors == LOGGED_ERRORS + 1:
+            log.warning("further errors for %s are counted, not logged", client.describe())
+
+
+def _where(ws: ServerConnection) -> str:
+    addr = ws.remote_address
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)
+
+
+def _keepalive(ws: ServerConnection) -> None:
+    """TCP keepalive finds clients whose machine vanished without closing the connection."""
+    sock = ws.transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.info("parent process %d exited", parent)
+    stop.set()
