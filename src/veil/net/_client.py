@@ -14,7 +14,7 @@ from veil.net._conn import BlockingConnection
 from veil.net._frames import batch_frame, session_address, split_address
 from veil.net._tls import client_context
 from veil.serde import decode, encode
-from veil.workers import ErrorReply, MoveObject, Reply, Worker
+from veil.workers import DeleteObjects, ErrorReply, MoveObject, Reply, Worker
 
 #: Buffered messages are sent early (without waiting for a request) past this many bytes...
 FLUSH_BYTES = 8 << 20
@@ -204,6 +204,11 @@ class WebSocketWorker(Worker):
     # ------------------------------------------------------------------ transport
 
     def _submit(self, msg: Any) -> None:
+        if self._gc and type(msg) is not DeleteObjects:
+            # Remote objects whose pointers died are deleted before what comes next, in the
+            # same frame: the worker's memory (and the client's object budget) follows the
+            # program's.
+            self._flush_gc()
         data = encode(msg)  # now: the value as it is, and errors at the call that sent it
         with self._lock:
             if len(data) + _FRAME_OVERHEAD > self._max_frame:
@@ -226,7 +231,6 @@ class WebSocketWorker(Worker):
             dest = _HANDLES.get(msg.destination)
             if dest is not None and dest is not self:
                 dest._after.add(self)
-        self._maybe_flush_gc()
 
     def _sync_sources(self) -> None:
         while self._after:

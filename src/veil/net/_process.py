@@ -64,6 +64,7 @@ class WorkerProcess:
             cmd += ["--token-file", str(token_file)]
         self.log_file = self.dir / "worker.log"
         self._final_log: str | None = None
+        self._terminated = False
         self._log = open(self.log_file, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -102,10 +103,16 @@ class WorkerProcess:
         self._log.flush()
         return self.log_file.read_text(errors="replace")
 
+    def terminate(self) -> None:
+        """Send SIGTERM without waiting (see :meth:`stop`)."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (then SIGKILL after ``timeout``); the exit code."""
+        self.terminate()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,117 @@
+"""Moves between network workers go worker to worker, authenticated, into the client's session."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import veil
+from veil.net import connect, new_token
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture(scope="module")
+def pair():
+    token = new_token()
+    procs = []
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            procs = list(
+                pool.map(
+                    lambda spec: veil.net.spawn_worker(spec[0], token=spec[1], args=spec[2]),
+                    [
+                        ("alice", token, []),
+                        ("bob", token, ["--max-bytes", "1M"]),
+                        ("eve", new_token(), []),  # a worker with another token
+                    ],
+                )
+            )
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.stop()
+
+
+def test_move_goes_worker_to_worker(pair):
+    a, b, _ = pair
+    with (
+        connect(a.url, token=a.token, timeout=10) as alice,
+        connect(b.url, token=b.token, timeout=10) as bob,
+    ):
+        x = torch.randn(100_000)  # 400 kB
+        ptr = x.send(alice)
+        alice.flush()
+        received = alice.bytes_received + bob.bytes_received
+        sent = alice.bytes_sent + bob.bytes_sent
+        moved = (ptr * 2).move(bob)
+        assert moved.location is bob
+        assert (moved.sum() - (x * 2).sum()).abs().item() < 1e-2
+        # the value never passed through this process
+        assert alice.bytes_received + bob.bytes_received - received < 10_000
+        assert alice.bytes_sent + bob.bytes_sent - sent < 10_000
+        assert alice.object_count() == 1  # only ptr: the product left alice
+        assert bob.object_count() == 1  # the moved value (the sum was freed)
+        assert torch.allclose(moved.get(), x * 2)
+
+
+def test_moved_objects_belong_to_the_client_on_the_destination(pair):
+    a, b, _ = pair
+    alice = connect(a.url, token=a.token, timeout=10)
+    with connect(b.url, token=b.token, timeout=10) as observer:
+        bob = connect(b.url, token=b.token, timeout=10)
+        kept = [torch.ones(10).send(alice).move(bob) for _ in range(3)]
+        bob.flush()
+        assert observer.object_count() == 3
+        bob.close()  # bob's session ends: what was moved into it is released
+        deadline = time.monotonic() + 5
+        while observer.object_count() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert observer.object_count() == 0
+        del kept
+    alice.close()
+
+
+def test_a_move_over_the_destination_limit_reports_it(pair):
+    a, b, _ = pair
+    with (
+        connect(a.url, token=a.token, timeout=10) as alice,
+        connect(b.url, token=b.token, timeout=10) as bob,
+    ):
+        big = torch.ones(300_000).send(alice)  # 1.2 MB: over bob's 1 MiB per client
+        moved = big.move(bob)
+        with pytest.raises(veil.LimitExceeded, match="move failed on alice"):
+            alice.flush()
+        with pytest.raises(veil.ObjectNotFound):
+            moved.get()
+        assert (torch.ones(1).send(alice) + 1).get().item() == 2.0  # alice goes on
+
+
+def test_a_worker_with_another_token_refuses_the_delivery(pair):
+    a, _, e = pair
+    with (
+        connect(a.url, token=a.token, timeout=10) as alice,
+        connect(e.url, token=e.token, timeout=10) as eve,
+    ):
+        ptr = torch.ones(3).send(alice)
+        ptr.move(eve)
+        with pytest.raises(veil.AuthenticationError, match="refused worker 'alice'"):
+            alice.flush()
+        assert eve.object_count() == 0
+
+
+def test_moves_to_and_from_in_process_workers_fail_clearly(pair):
+    a, _, _ = pair
+    with connect(a.url, token=a.token, timeout=10) as alice:
+        local = veil.VirtualWorker("local")
+        torch.ones(2).send(alice).move(local)
+        with pytest.raises(veil.WorkerUnavailable, match="cannot reach"):
+            alice.flush()
+        torch.ones(2).send(local).move(alice)
+        with pytest.raises(veil.WorkerUnavailable, match="no virtual worker at ws://"):
+            local.flush()
