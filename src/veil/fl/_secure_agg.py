@@ -93,6 +93,8 @@ def secure_sum(updates: list[PointerTensor], weights: list[float],
         shares = encode_and_split(u, float(w), k, precision_bits)
         for j, share in enumerate(shares):
             held[j].append(share if j == i else share.move(workers[j]))
+    for w in workers:  # every share has reached its party before anyone sums
+        w.flush()
     sums = [sum_shares(*held[j]) for j in range(k)]
     total = torch.zeros(updates[0].shape, dtype=torch.int64)
     for s in sums:
