@@ -1,6 +1,6 @@
 """veil: privacy-preserving deep learning on PyTorch."""
 
-from veil import datasets, fl
+from veil import datasets, fl, net
 from veil._errors import (
     AuthenticationError,
     CommandNotAllowed,
@@ -17,6 +17,7 @@ from veil._errors import (
     WorkerMismatch,
     WorkerUnavailable,
 )
+from veil.net import connect
 from veil.pointers import PointerTensor, call, get, move, remote_function, send
 from veil.pointers._methods import install as _install_methods
 from veil.workers import VirtualWorker, Worker
@@ -45,10 +46,12 @@ __all__ = [
     "WorkerUnavailable",
     "__version__",
     "call",
+    "connect",
     "datasets",
     "fl",
     "get",
     "move",
+    "net",
     "remote_function",
     "send",
 ]
