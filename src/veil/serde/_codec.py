@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -74,6 +75,8 @@ _MEMORY_FORMAT_CODES = {v: k for k, v in MEMORY_FORMATS.items()}
 _MESSAGES: dict[int, type] = {}
 _MESSAGE_CODES: dict[type, int] = {}
 _VALIDATORS: dict[type, Callable[[Any], None]] = {}
+#: Field names of each message class, in declaration order (dataclasses.fields is slow).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def register_message(code: int) -> Callable[[type], type]:
@@ -91,6 +94,8 @@ def register_message(code: int) -> Callable[[type], type]:
             raise ValueError(f"message code {code} is taken by {_MESSAGES[code].__name__}")
         _MESSAGES[code] = cls
         _MESSAGE_CODES[cls] = code
+        _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        _ENCODERS[cls] = _encode_message
         return cls
 
     return wrap
@@ -118,7 +123,25 @@ def _tensor_payload(t: torch.Tensor) -> bytes:
     return header + raw
 
 
+def _encode_message(obj: Any) -> Any:
+    cls = type(obj)
+    values = [getattr(obj, name) for name in _FIELD_NAMES[cls]]
+    return msgpack.ExtType(_EXT_MESSAGE, _pack([_MESSAGE_CODES[cls], *values]))
+
+
+#: Encoders by exact type, tried before the general checks of _default (the hot path:
+#: a command is a message holding tuples of references).
+_ENCODERS: dict[type, Callable[[Any], Any]] = {
+    Ref: lambda obj: msgpack.ExtType(_EXT_REF, obj.id),
+    GradRef: lambda obj: msgpack.ExtType(_EXT_GRADREF, obj.id),
+    tuple: lambda obj: msgpack.ExtType(_EXT_TUPLE, _pack(list(obj))),
+}
+
+
 def _default(obj: Any) -> Any:
+    encoder = _ENCODERS.get(type(obj))
+    if encoder is not None:
+        return encoder(obj)
     if isinstance(obj, torch.Tensor):
         if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
             raise SerializationError(
@@ -156,8 +179,22 @@ def _default(obj: Any) -> Any:
     raise SerializationError(f"values of type {type(obj).__name__} cannot be sent")
 
 
+_LOCAL = threading.local()
+
+
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True)
+    # Packers are reused (making one per value costs more than packing a small one); each
+    # nested extension takes its own from this thread's stack, so packing can recurse.
+    stack = getattr(_LOCAL, "packers", None)
+    if stack is None:
+        stack = _LOCAL.packers = []
+    packer = stack.pop() if stack else msgpack.Packer(
+        default=_default, use_bin_type=True, strict_types=True
+    )
+    try:
+        return packer.pack(obj)
+    finally:
+        stack.append(packer)
 
 
 def encode(obj: Any) -> bytes:
@@ -266,7 +303,7 @@ def _decode_message(data: bytes) -> Any:
     cls = _MESSAGES.get(parts[0])
     if cls is None:
         raise SerializationError(f"unknown message code {parts[0]}")
-    fields = dataclasses.fields(cls)
+    fields = _FIELD_NAMES[cls]
     if len(parts) - 1 != len(fields):
         raise SerializationError(
             f"{cls.__name__} has {len(fields)} fields, got {len(parts) - 1}"
