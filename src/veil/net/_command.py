@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from veil.net._auth import TokenBook, new_token, normalize_token
 from veil.net._data import load_csv, parse_data_arg
 from veil.net._limits import Limits, parse_size
@@ -106,6 +108,13 @@ def worker_parser() -> argparse.ArgumentParser:
         help="seconds to deliver a moved object to another worker (default %(default)s)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for computing (default: torch's own choice; 1 avoids "
+        "oversubscription when other processes share the cores)",
+    )
+    p.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="stop when the process that started this one exits",
@@ -124,6 +133,11 @@ def worker_main(argv: list[str]) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("websockets").setLevel(logging.ERROR)
+    if args.threads is not None:
+        if args.threads < 1:
+            print("veil worker: --threads must be at least 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         server = _build(args)
     except (ValueError, OSError) as exc:
