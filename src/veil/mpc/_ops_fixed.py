@@ -1,0 +1,609 @@
+"""aten handlers of FixedPrecisionTensor: creation, views, arithmetic, reductions, comparisons.
+
+Operands are unwrapped by hand (no ``tree_map``): a handler sees ``FixedPrecisionTensor``
+arguments, public float or integer tensors and Python scalars, and builds the result from
+the children with :mod:`veil.mpc._values`. Precisions of two fixed-point operands are
+aligned by shifting the smaller one (exact); products of precisions ``f`` and ``g``
+truncate ``min(f, g)`` bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from veil._errors import ProtocolError
+from veil.mpc import _values as V
+from veil.mpc import encoding
+from veil.mpc.fixed import OPS, FixedPrecisionTensor
+from veil.mpc.sharing import AdditiveSharingTensor
+
+aten = torch.ops.aten
+FPT = FixedPrecisionTensor
+AST = AdditiveSharingTensor
+implements = OPS.implements
+
+
+# ---------------------------------------------------------------------- operand helpers
+
+
+def wrap(child: Any, f: int, dtype: torch.dtype = torch.float32) -> FixedPrecisionTensor:
+    return FPT(child, f, dtype)
+
+
+def child_of(x: FixedPrecisionTensor) -> Any:
+    c = x.child
+    if type(c) is not AST and type(c) is not torch.Tensor:
+        V.check_plain(c)
+    return c
+
+
+def public_child(value: torch.Tensor | float | int, f: int) -> torch.Tensor:
+    """Encode a public float tensor or scalar with ``f`` fractional bits."""
+    return encoding.encode(value, f)
+
+
+def fixed_pair(a: Any, b: Any) -> tuple[Any, Any, int, torch.dtype]:
+    """Children of two operands aligned to one precision, plus that precision and dtype.
+
+    Public float tensors and scalars are encoded; integer/bool tensors count as precision 0.
+    """
+    fa = a.precision_bits if type(a) is FPT else None
+    fb = b.precision_bits if type(b) is FPT else None
+    f = max(x for x in (fa, fb) if x is not None)
+    dtype = (
+        a.dtype
+        if fa is not None and a.dtype != torch.bool
+        else (b.dtype if fb is not None and b.dtype != torch.bool else torch.float32)
+    )
+    ca = _as_child(a, fa, f)
+    cb = _as_child(b, fb, f)
+    return ca, cb, f, dtype
+
+
+def _as_child(x: Any, fx: int | None, f: int) -> Any:
+    if fx is not None:
+        c = child_of(x)
+        return V.mul_int(c, 1 << (f - fx)) if fx < f else c
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point():
+            return public_child(x, f)
+        return x.to(torch.int64) << f
+    if isinstance(x, bool):
+        x = int(x)
+    if isinstance(x, int):
+        return x << f
+    return public_child(float(x), f)
+
+
+def scale(child: Any, value: float | int) -> Any:
+    """``child * value`` for a public real ``value``, keeping ~24 significant bits of it."""
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) < 2**24):
+        return V.mul_int(child, int(value))
+    m, s = encoding.scalar_multiplier(float(value))
+    return V.truncate(child, s, m)
+
+
+def fpt_args(args: tuple[Any, ...]) -> FixedPrecisionTensor:
+    for a in args:
+        if type(a) is FPT:
+            return a
+    raise ProtocolError("no fixed-precision operand")
+
+
+# ---------------------------------------------------------------------- creation and aliasing
+
+
+def _copy_cache(src: FixedPrecisionTensor, dst: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    cache = getattr(src, "cache", None)
+    if cache is not None:
+        dst.cache = cache
+    return dst
+
+
+@implements(aten.detach, aten.alias, aten.lift_fresh)
+def _detach(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    return _copy_cache(x, FPT(x.child, x.precision_bits, x.dtype))
+
+
+@implements(aten.clone)
+def _clone(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    return FPT(x.child, x.precision_bits, x.dtype)
+
+
+@implements(aten._to_copy)
+def _to_copy(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    dtype = kwargs.get("dtype") or x.dtype
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type not in ("cpu",):
+        raise NotImplementedError(f"{func}: fixed-precision tensors stay on the cpu device")
+    if dtype.is_floating_point:
+        return FPT(x.child, x.precision_bits, dtype)
+    raise NotImplementedError(f"{func} to {dtype} is not supported on a FixedPrecisionTensor")
+
+
+def _like(
+    x: FixedPrecisionTensor, value: float, kwargs: dict[str, Any], shape: Any = None
+) -> FixedPrecisionTensor:
+    dtype = kwargs.get("dtype") or x.dtype
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    child = torch.full(
+        shape, int(encoding.encode(float(value), x.precision_bits)), dtype=torch.int64
+    )
+    return FPT(child, x.precision_bits, dtype)
+
+
+@implements(aten.ones_like)
+def _ones_like(func: Any, args: Any, kwargs: Any) -> Any:
+    return _like(args[0], 1.0, kwargs)
+
+
+@implements(aten.zeros_like, aten.empty_like)
+def _zeros_like(func: Any, args: Any, kwargs: Any) -> Any:
+    return _like(args[0], 0.0, kwargs)
+
+
+@implements(aten.full_like)
+def _full_like(func: Any, args: Any, kwargs: Any) -> Any:
+    return _like(args[0], float(args[1]), kwargs)
+
+
+@implements(aten.new_zeros, aten.new_empty, aten.new_empty_strided)
+def _new_zeros(func: Any, args: Any, kwargs: Any) -> Any:
+    return _like(args[0], 0.0, kwargs, args[1])
+
+
+@implements(aten.new_ones)
+def _new_ones(func: Any, args: Any, kwargs: Any) -> Any:
+    return _like(args[0], 1.0, kwargs, args[1])
+
+
+@implements(aten.new_full)
+def _new_full(func: Any, args: Any, kwargs: Any) -> Any:
+    return _like(args[0], float(args[2]), kwargs, args[1])
+
+
+@implements(aten.zero_)
+def _zero_(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    x.child = torch.zeros(tuple(x.shape), dtype=torch.int64)
+    return x
+
+
+@implements(aten.fill_)
+def _fill_(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    x.child = torch.full(
+        tuple(x.shape), int(encoding.encode(float(args[1]), x.precision_bits)), dtype=torch.int64
+    )
+    return x
+
+
+@implements(aten.copy_)
+def _copy_(func: Any, args: Any, kwargs: Any) -> Any:
+    dst, src = args[0], args[1]
+    c = _as_child(src, src.precision_bits if type(src) is FPT else None, dst.precision_bits)
+    if tuple(c.shape) != tuple(dst.shape):
+        c = V.shape_op(c, "expand", list(dst.shape))
+    dst.child = c
+    return dst
+
+
+@implements(aten.is_same_size)
+def _is_same_size(func: Any, args: Any, kwargs: Any) -> Any:
+    return tuple(args[0].shape) == tuple(args[1].shape)
+
+
+# ---------------------------------------------------------------------- views and indexing
+
+
+def _shape_handler(name: str, *, drop: tuple[str, ...] = ()) -> Any:
+    def handler(func: Any, args: Any, kwargs: Any) -> Any:
+        x = args[0]
+        extra = [v for k, v in kwargs.items() if k not in drop]
+        out = V.shape_op(child_of(x), name, *args[1:], *extra)
+        return (
+            _copy_cache(x, FPT(out, x.precision_bits, x.dtype))
+            if name in ("view", "_unsafe_view")
+            else FPT(out, x.precision_bits, x.dtype)
+        )
+
+    return handler
+
+
+for _name, _op in (
+    ("view", aten.view),
+    ("_unsafe_view", aten._unsafe_view),
+    ("reshape", aten.reshape),
+    ("t", aten.t),
+    ("transpose", aten.transpose),
+    ("permute", aten.permute),
+    ("expand", aten.expand),
+    ("unsqueeze", aten.unsqueeze),
+    ("flip", aten.flip),
+    ("roll", aten.roll),
+    ("repeat", aten.repeat),
+    ("constant_pad_nd", aten.constant_pad_nd),
+    ("unfold", aten.unfold),
+    ("diagonal", aten.diagonal),
+    ("tril", aten.tril),
+    ("triu", aten.triu),
+    ("index_select", aten.index_select),
+    ("gather", aten.gather),
+):
+    implements(_op)(_shape_handler(_name))
+
+implements(aten.squeeze.default)(_shape_handler("squeeze"))
+implements(aten.squeeze.dim)(_shape_handler("squeeze.dim"))
+implements(aten.squeeze.dims)(_shape_handler("squeeze.dims"))
+implements(aten.select.int)(_shape_handler("select"))
+
+
+@implements(aten.slice.Tensor)
+def _slice(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    full = list(args[1:]) + [None] * (4 - len(args[1:]))
+    dim, start, end, step = full
+    dim = kwargs.get("dim", 0 if dim is None else dim)
+    start = kwargs.get("start", start)
+    end = kwargs.get("end", end)
+    step = kwargs.get("step", 1 if step is None else step)
+    return FPT(V.shape_op(child_of(x), "slice", dim, start, end, step), x.precision_bits, x.dtype)
+
+
+@implements(aten.index.Tensor)
+def _index(func: Any, args: Any, kwargs: Any) -> Any:
+    x, indices = args[0], args[1]
+    for ix in indices:
+        if ix is not None and type(ix) is not torch.Tensor:
+            raise NotImplementedError(f"{func}: indexing with secret indices is not supported")
+    return FPT(V.shape_op(child_of(x), "index", indices), x.precision_bits, x.dtype)
+
+
+@implements(aten.cat, aten.stack)
+def _cat(func: Any, args: Any, kwargs: Any) -> Any:
+    tensors = list(args[0])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    f = max(t.precision_bits for t in tensors if type(t) is FPT)
+    first = fpt_args(tuple(tensors))
+    children = [_as_child(t, t.precision_bits if type(t) is FPT else None, f) for t in tensors]
+    name = "cat" if func.overloadpacket is aten.cat else "stack"
+    return FPT(V.cat(children, name, dim), f, first.dtype)
+
+
+@implements(aten.split_with_sizes, aten.split, aten.unbind, aten.chunk)
+def _split(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    c = child_of(x)
+    packet = func.overloadpacket
+    if packet is aten.unbind:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        pieces = [V.shape_op(c, "select", dim, i) for i in range(x.shape[dim])]
+    else:
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        sizes = args[1]
+        size = x.shape[dim]
+        if packet is aten.chunk:
+            step = -(-size // sizes)
+            sizes = [min(step, size - s) for s in range(0, size, step)]
+        elif isinstance(sizes, int):
+            sizes = [min(sizes, size - s) for s in range(0, size, sizes)]
+        pieces, start = [], 0
+        for s in sizes:
+            pieces.append(V.shape_op(c, "slice", dim, start, start + s, 1))
+            start += s
+    return [FPT(p, x.precision_bits, x.dtype) for p in pieces]
+
+
+# ---------------------------------------------------------------------- arithmetic
+
+
+def _binary_add(a: Any, b: Any, alpha: Any, subtract: bool) -> FixedPrecisionTensor:
+    if alpha != 1 and type(b) is FPT:
+        b = FPT(scale(child_of(b), alpha), b.precision_bits, b.dtype)
+        alpha = 1
+    ca, cb, f, dtype = fixed_pair(a, b if alpha == 1 else b * alpha)
+    return FPT(V.sub(ca, cb) if subtract else V.add(ca, cb), f, dtype)
+
+
+@implements(aten.add.Tensor, aten.add.Scalar)
+def _add(func: Any, args: Any, kwargs: Any) -> Any:
+    return _binary_add(args[0], args[1], kwargs.get("alpha", 1), False)
+
+
+@implements(aten.sub.Tensor, aten.sub.Scalar)
+def _sub(func: Any, args: Any, kwargs: Any) -> Any:
+    return _binary_add(args[0], args[1], kwargs.get("alpha", 1), True)
+
+
+@implements(aten.rsub.Tensor, aten.rsub.Scalar)
+def _rsub(func: Any, args: Any, kwargs: Any) -> Any:
+    return (
+        _binary_add(args[1], args[0], 1, True)
+        if kwargs.get("alpha", 1) == 1
+        else _binary_add(
+            args[1],
+            FPT(scale(child_of(args[0]), kwargs["alpha"]), args[0].precision_bits, args[0].dtype),
+            1,
+            True,
+        )
+    )
+
+
+def _inplace(result: FixedPrecisionTensor, target: Any) -> Any:
+    if type(target) is not FPT:
+        raise NotImplementedError(
+            "an in-place op would write fixed-point values into a plain tensor"
+        )
+    if result.precision_bits != target.precision_bits:
+        result = FPT(
+            V.truncate(result.child, result.precision_bits - target.precision_bits),
+            target.precision_bits,
+            target.dtype,
+        )
+    target.child = result.child
+    return target
+
+
+@implements(aten.add_.Tensor, aten.add_.Scalar)
+def _add_(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(_binary_add(args[0], args[1], kwargs.get("alpha", 1), False), args[0])
+
+
+@implements(aten.sub_.Tensor, aten.sub_.Scalar)
+def _sub_(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(_binary_add(args[0], args[1], kwargs.get("alpha", 1), True), args[0])
+
+
+@implements(aten.neg)
+def _neg(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    return FPT(V.neg(child_of(x)), x.precision_bits, x.dtype)
+
+
+def multiply(a: Any, b: Any) -> FixedPrecisionTensor:
+    """``a * b`` for fixed-point operands, public tensors and scalars."""
+    if type(a) is not FPT:
+        a, b = b, a
+    if type(b) is FPT:
+        fa, fb = a.precision_bits, b.precision_bits
+        dtype = a.dtype if a.dtype != torch.bool else b.dtype
+        return FPT(V.product(child_of(a), child_of(b), "mul", (), min(fa, fb)), max(fa, fb), dtype)
+    if isinstance(b, torch.Tensor):
+        if b.is_floating_point():
+            f = a.precision_bits
+            return FPT(V.product(child_of(a), public_child(b, f), "mul", (), f), f, a.dtype)
+        return FPT(V.mul_int(child_of(a), b.to(torch.int64)), a.precision_bits, a.dtype)
+    return FPT(scale(child_of(a), b), a.precision_bits, a.dtype)
+
+
+@implements(aten.mul.Tensor, aten.mul.Scalar)
+def _mul(func: Any, args: Any, kwargs: Any) -> Any:
+    return multiply(args[0], args[1])
+
+
+@implements(aten.mul_.Tensor, aten.mul_.Scalar)
+def _mul_(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(multiply(args[0], args[1]), args[0])
+
+
+def divide(a: Any, b: Any) -> FixedPrecisionTensor:
+    if type(b) is FPT:
+        from veil.mpc import approximations
+
+        return multiply(a, approximations.reciprocal(b))
+    if type(a) is not FPT:
+        raise NotImplementedError(
+            "dividing a public value by a fixed-point one: use x.reciprocal() * value"
+        )
+    if isinstance(b, torch.Tensor):
+        return multiply(a, 1.0 / b.double())
+    return FPT(scale(child_of(a), 1.0 / float(b)), a.precision_bits, a.dtype)
+
+
+@implements(aten.div.Tensor, aten.div.Scalar)
+def _div(func: Any, args: Any, kwargs: Any) -> Any:
+    if kwargs.get("rounding_mode") is not None:
+        raise NotImplementedError(f"{func} with rounding_mode on a FixedPrecisionTensor")
+    return divide(args[0], args[1])
+
+
+@implements(aten.div_.Tensor, aten.div_.Scalar)
+def _div_(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(divide(args[0], args[1]), args[0])
+
+
+def power(x: FixedPrecisionTensor, k: int) -> FixedPrecisionTensor:
+    """``x ** k`` for a small non-negative integer ``k`` (square-and-multiply)."""
+    if k == 0:
+        return _like(x, 1.0, {})
+    result = None
+    base = x
+    while True:
+        if k & 1:
+            result = base if result is None else multiply(result, base)
+        k >>= 1
+        if not k:
+            return result  # type: ignore[return-value]
+        base = multiply(base, base)
+
+
+@implements(aten.pow.Tensor_Scalar)
+def _pow(func: Any, args: Any, kwargs: Any) -> Any:
+    x, k = args[0], args[1]
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)
+    if isinstance(k, int) and 0 <= k <= 64:
+        return power(x, k)
+    if k == 0.5:
+        from veil.mpc import approximations
+
+        return approximations.sqrt(x)
+    if k == -1:
+        from veil.mpc import approximations
+
+        return approximations.reciprocal(x)
+    raise NotImplementedError(
+        f"{func} with exponent {k!r}: only integer powers 0..64, 0.5 "
+        "and -1 are supported on a FixedPrecisionTensor"
+    )
+
+
+@implements(aten.square)
+def _square(func: Any, args: Any, kwargs: Any) -> Any:
+    return multiply(args[0], args[0])
+
+
+# ---------------------------------------------------------------------- products
+
+
+def matmul(a: Any, b: Any) -> FixedPrecisionTensor:
+    if type(a) is FPT and type(b) is FPT:
+        fa, fb = a.precision_bits, b.precision_bits
+        return FPT(
+            V.product(child_of(a), child_of(b), "matmul", (), min(fa, fb)), max(fa, fb), a.dtype
+        )
+    x = a if type(a) is FPT else b
+    f = x.precision_bits
+    ca = child_of(a) if type(a) is FPT else _public_operand(a, f)
+    cb = child_of(b) if type(b) is FPT else _public_operand(b, f)
+    trunc = (
+        f
+        if (type(a) is FPT or a.is_floating_point()) and (type(b) is FPT or b.is_floating_point())
+        else 0
+    )
+    return FPT(V.product(ca, cb, "matmul", (), trunc), f, x.dtype)
+
+
+def _public_operand(t: torch.Tensor, f: int) -> torch.Tensor:
+    return public_child(t, f) if t.is_floating_point() else t.to(torch.int64)
+
+
+@implements(aten.mm, aten.bmm, aten.matmul, aten.mv, aten.dot)
+def _mm(func: Any, args: Any, kwargs: Any) -> Any:
+    return matmul(args[0], args[1])
+
+
+@implements(aten.addmm)
+def _addmm(func: Any, args: Any, kwargs: Any) -> Any:
+    bias, m1, m2 = args[0], args[1], args[2]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    prod = matmul(m1, m2)
+    if alpha != 1:
+        prod = multiply(prod, alpha)
+    if beta != 1:
+        bias = multiply(bias, beta) if type(bias) is FPT else bias * beta
+    return _binary_add(prod, bias, 1, False)
+
+
+# ---------------------------------------------------------------------- reductions
+
+
+def _dims(x: Any, dim: Any) -> list[int]:
+    if dim is None:
+        return list(range(x.dim()))
+    if isinstance(dim, int):
+        return [dim]
+    return list(dim) if len(dim) else list(range(x.dim()))
+
+
+def reduce_sum(x: FixedPrecisionTensor, dim: Any = None, keepdim: bool = False) -> Any:
+    return FPT(V.shape_op(child_of(x), "sum", _dims(x, dim), keepdim), x.precision_bits, x.dtype)
+
+
+@implements(aten.sum.dim_IntList)
+def _sum_dim(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    return reduce_sum(x, dim, keepdim)
+
+
+@implements(aten.sum.default)
+def _sum(func: Any, args: Any, kwargs: Any) -> Any:
+    return reduce_sum(args[0])
+
+
+def mean(x: FixedPrecisionTensor, dim: Any = None, keepdim: bool = False) -> Any:
+    dims = _dims(x, dim)
+    count = 1
+    for d in dims:
+        count *= x.shape[d]
+    total = reduce_sum(x, dims, keepdim)
+    return FPT(scale(total.child, 1.0 / count), x.precision_bits, x.dtype)
+
+
+@implements(aten.mean.dim)
+def _mean_dim(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    return mean(x, dim, keepdim)
+
+
+@implements(aten.mean.default)
+def _mean(func: Any, args: Any, kwargs: Any) -> Any:
+    return mean(args[0])
+
+
+# ---------------------------------------------------------------------- comparisons
+
+
+def compare(a: Any, b: Any, op: str) -> FixedPrecisionTensor:
+    """``a op b`` for op in ge, gt, le, lt, eq, ne: a bool FixedPrecisionTensor (0/1)."""
+    ca, cb, _, _ = fixed_pair(a, b)
+    if op in ("le", "lt"):
+        ca, cb = cb, ca
+        op = "ge" if op == "le" else "gt"
+    if op == "ge":
+        bit = V.sign(V.sub(ca, cb))
+    elif op == "gt":
+        bit = V.sub(1, V.sign(V.sub(cb, ca)))
+    else:
+        d = V.sub(ca, cb)
+        both = V.sign(V.cat([d, V.neg(d)], "stack", 0))
+        eq = V.sub(V.add(V.shape_op(both, "select", 0, 0), V.shape_op(both, "select", 0, 1)), 1)
+        bit = eq if op == "eq" else V.sub(1, eq)
+    return FPT(bit, 0, torch.bool)
+
+
+for _cmp in ("ge", "gt", "le", "lt", "eq", "ne"):
+
+    def _make(op: str) -> Any:
+        def handler(func: Any, args: Any, kwargs: Any) -> Any:
+            return compare(args[0], args[1], op)
+
+        return handler
+
+    implements(getattr(aten, _cmp).Tensor, getattr(aten, _cmp).Scalar)(_make(_cmp))
+
+
+@implements(aten.where.self)
+def _where(func: Any, args: Any, kwargs: Any) -> Any:
+    cond, x, y = args
+    if type(x) is FPT or type(y) is FPT:
+        cx, cy, f, dtype = fixed_pair(x, y)
+    else:
+        cx, cy, f, dtype = x, y, 0, x.dtype
+    c = child_of(cond) if type(cond) is FPT else cond.to(torch.int64)
+    return FPT(V.select(c, cx, cy), f, dtype)
+
+
+__all__ = [
+    "compare",
+    "divide",
+    "fixed_pair",
+    "matmul",
+    "mean",
+    "multiply",
+    "power",
+    "reduce_sum",
+    "scale",
+    "wrap",
+]

@@ -1,0 +1,499 @@
+"""aten handlers of FixedPrecisionTensor for neural networks: activations, convolutions,
+pooling and losses, with their backward operators (so autograd runs them unchanged)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from veil.mpc import _values as V
+from veil.mpc import approximations as A
+from veil.mpc._ops_fixed import (
+    _binary_add,
+    _inplace,
+    child_of,
+    compare,
+    fixed_pair,
+    multiply,
+    reduce_sum,
+    scale,
+)
+from veil.mpc.fixed import OPS, FixedPrecisionTensor
+
+aten = torch.ops.aten
+FPT = FixedPrecisionTensor
+implements = OPS.implements
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def bilinear(a: Any, b: Any, kind: str, params: tuple[Any, ...]) -> FixedPrecisionTensor:
+    """``op(a, b)`` for fixed-point or public float operands (truncates when both are real)."""
+    x = a if type(a) is FPT else b
+    f = x.precision_bits
+    fa = a.precision_bits if type(a) is FPT else f
+    fb = b.precision_bits if type(b) is FPT else f
+    ca = child_of(a) if type(a) is FPT else V.LOCAL_OPS["mul"](a.double(), 2.0**f).round().long()
+    cb = child_of(b) if type(b) is FPT else V.LOCAL_OPS["mul"](b.double(), 2.0**f).round().long()
+    return FPT(V.product(ca, cb, kind, params, min(fa, fb)), max(fa, fb), x.dtype)
+
+
+# ---------------------------------------------------------------------- ReLU
+
+
+def relu(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """ReLU with the exact comparison protocol; the mask is kept for the backward pass."""
+    mask, out = V.relu(child_of(x))
+    result = FPT(out, x.precision_bits, x.dtype)
+    result.cache = {"relu_mask": mask}
+    return result
+
+
+@implements(aten.relu)
+def _relu(func: Any, args: Any, kwargs: Any) -> Any:
+    return relu(args[0])
+
+
+@implements(aten.relu_)
+def _relu_(func: Any, args: Any, kwargs: Any) -> Any:
+    out = relu(args[0])
+    args[0].cache = out.cache
+    return _inplace(out, args[0])
+
+
+@implements(aten.threshold_backward)
+def _threshold_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, result, threshold = args[0], args[1], args[2]
+    cache = getattr(result, "cache", None)
+    mask = cache.get("relu_mask") if cache and threshold == 0 else None
+    if mask is None:
+        mask = child_of(compare(result, threshold, "gt"))
+    if type(grad) is not FPT:
+        grad = FPT(
+            V.LOCAL_OPS["mul"](grad.double(), 2.0**result.precision_bits).round().long(),
+            result.precision_bits,
+            result.dtype,
+        )
+    return FPT(V.product(child_of(grad), mask), grad.precision_bits, grad.dtype)
+
+
+# ---------------------------------------------------------------------- activations
+
+
+def _unary(fn: Any) -> Any:
+    def handler(func: Any, args: Any, kwargs: Any) -> Any:
+        return fn(args[0])
+
+    return handler
+
+
+implements(aten.sigmoid)(_unary(A.sigmoid))
+implements(aten.tanh)(_unary(A.tanh))
+implements(aten.exp)(_unary(A.exp))
+implements(aten.log)(_unary(A.log))
+implements(aten.reciprocal)(_unary(A.reciprocal))
+implements(aten.sqrt)(_unary(A.sqrt))
+implements(aten.rsqrt)(_unary(A.rsqrt))
+
+
+@implements(aten.sigmoid_backward)
+def _sigmoid_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, y = args[0], args[1]
+    return multiply(grad, multiply(y, _binary_add(1.0, y, 1, True)))
+
+
+@implements(aten.tanh_backward)
+def _tanh_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, y = args[0], args[1]
+    return multiply(grad, _binary_add(1.0, multiply(y, y), 1, True))
+
+
+@implements(aten.abs)
+def _abs(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    c = child_of(x)
+    pm = V.sub(V.mul_int(V.sign(c), 2), 1)
+    return FPT(V.product(c, pm), x.precision_bits, x.dtype)
+
+
+@implements(aten.sign)
+def _sign(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    c = child_of(x)
+    ge = V.sign(c)
+    le = V.sign(V.neg(c))
+    return FPT(V.mul_int(V.sub(ge, le), 1 << x.precision_bits), x.precision_bits, x.dtype)
+
+
+@implements(aten.maximum, aten.minimum)
+def _maximum(func: Any, args: Any, kwargs: Any) -> Any:
+    a, b = args[0], args[1]
+    ca, cb, f, dtype = fixed_pair(a, b)
+    s = V.sign(V.sub(ca, cb))
+    if func.overloadpacket is aten.maximum:
+        return FPT(V.select(s, ca, cb), f, dtype)
+    return FPT(V.select(s, cb, ca), f, dtype)
+
+
+@implements(aten.clamp, aten.clamp_min, aten.clamp_max)
+def _clamp(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    packet = func.overloadpacket
+    lo = args[1] if packet in (aten.clamp, aten.clamp_min) and len(args) > 1 else kwargs.get("min")
+    hi = (
+        (args[2] if len(args) > 2 else kwargs.get("max"))
+        if packet is aten.clamp
+        else (args[1] if packet is aten.clamp_max else None)
+    )
+    out = x
+    if lo is not None:
+        out = _maximum(aten.maximum.default, (out, lo), {})
+    if hi is not None:
+        out = _maximum(aten.minimum.default, (out, hi), {})
+    return out
+
+
+# ---------------------------------------------------------------------- softmax family
+
+
+@implements(aten._softmax)
+def _softmax(func: Any, args: Any, kwargs: Any) -> Any:
+    return A.softmax(args[0], args[1])
+
+
+@implements(aten._log_softmax)
+def _log_softmax(func: Any, args: Any, kwargs: Any) -> Any:
+    return A.log_softmax(args[0], args[1])
+
+
+@implements(aten._softmax_backward_data)
+def _softmax_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, out, dim = args[0], args[1], args[2]
+    inner = reduce_sum(multiply(grad, out), dim, True)
+    return multiply(out, _binary_add(grad, inner, 1, True))
+
+
+@implements(aten._log_softmax_backward_data)
+def _log_softmax_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, out, dim = args[0], args[1], args[2]
+    total = reduce_sum(grad, dim, True)
+    return _binary_add(grad, multiply(A.exp(out), total), 1, True)
+
+
+# ---------------------------------------------------------------------- max and argmax
+
+
+@implements(aten.max.dim)
+def _max_dim(func: Any, args: Any, kwargs: Any) -> Any:
+    x, dim = args[0], args[1]
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    values, onehot = A.max_with_onehot(x, dim)
+    index = _onehot_index(onehot, dim, x.shape[dim])
+    if not keepdim:
+        values = V.shape_op(values, "squeeze.dim", dim)
+        index = V.shape_op(index, "squeeze.dim", dim)
+    vals = FPT(values, x.precision_bits, x.dtype)
+    idx = FPT(index, 0, torch.int64)
+    idx.cache = {"onehot": onehot}
+    return vals, idx
+
+
+def _onehot_index(onehot: Any, dim: int, k: int) -> Any:
+    shape = [1] * onehot.dim()
+    shape[dim] = k
+    positions = torch.arange(k, dtype=torch.int64).view(shape)
+    return V.shape_op(V.mul_int(onehot, positions), "sum", [dim], True)
+
+
+@implements(aten.max.default, aten.amax)
+def _max_all(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    if func.overloadpacket is aten.amax:
+        dims = args[1] if len(args) > 1 else kwargs.get("dim", [])
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        dims = list(range(x.dim())) if not dims else [d % x.dim() for d in dims]
+    else:
+        dims, keepdim = list(range(x.dim())), False
+    out = x
+    for d in sorted(dims, reverse=True):
+        values, _ = A.max_with_onehot(out, d)
+        out = FPT(
+            values if keepdim else V.shape_op(values, "squeeze.dim", d), x.precision_bits, x.dtype
+        )
+    return out
+
+
+@implements(aten.argmax)
+def _argmax(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if dim is None:
+        flat = FPT(V.shape_op(child_of(x), "reshape", [-1]), x.precision_bits, x.dtype)
+        _, onehot = A.max_with_onehot(flat, 0)
+        return FPT(
+            V.shape_op(_onehot_index(onehot, 0, flat.shape[0]), "reshape", []), 0, torch.int64
+        )
+    _, onehot = A.max_with_onehot(x, dim)
+    index = _onehot_index(onehot, dim, x.shape[dim])
+    if not keepdim:
+        index = V.shape_op(index, "squeeze.dim", dim)
+    return FPT(index, 0, torch.int64)
+
+
+# ---------------------------------------------------------------------- convolution
+
+
+@implements(aten.convolution)
+def _convolution(func: Any, args: Any, kwargs: Any) -> Any:
+    x, w, bias, stride, padding, dilation, transposed, _, groups = args
+    if transposed or x.dim() != 4:
+        raise NotImplementedError(
+            f"{func}: only 2-D, non-transposed convolutions are supported on a FixedPrecisionTensor"
+        )
+    params = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
+    out = bilinear(x, w, "conv2d", params)
+    if bias is not None:
+        b = V.shape_op(child_of(bias), "view", [1, -1, 1, 1]) if type(bias) is FPT else None
+        out = _binary_add(
+            out,
+            FPT(b, bias.precision_bits, bias.dtype) if b is not None else bias.view(1, -1, 1, 1),
+            1,
+            False,
+        )
+    return out
+
+
+@implements(aten.convolution_backward)
+def _convolution_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, x, w, _, stride, padding, dilation, transposed, _, groups, mask = args
+    if transposed or x.dim() != 4:
+        raise NotImplementedError(f"{func}: only 2-D, non-transposed convolutions")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    kh, kw = w.shape[2], w.shape[3]
+    grad_input = grad_weight = grad_bias = None
+    if mask[0]:
+        out_pad = tuple(
+            x.shape[2 + i]
+            - (
+                (grad.shape[2 + i] - 1) * stride[i]
+                - 2 * padding[i]
+                + dilation[i] * ((kh, kw)[i] - 1)
+                + 1
+            )
+            for i in range(2)
+        )
+        grad_input = bilinear(
+            grad, w, "conv_transpose2d", (stride, padding, out_pad, int(groups), dilation)
+        )
+    if mask[1]:
+        if groups != 1:
+            raise NotImplementedError(f"{func}: weight gradients of grouped convolutions")
+        grad_weight = bilinear(x, grad, "conv2d_weight", (stride, padding, dilation, (kh, kw)))
+    if mask[2]:
+        grad_bias = reduce_sum(grad, [0, 2, 3])
+    return grad_input, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------- pooling
+
+
+def _ones_kernel(channels: int, kh: int, kw: int) -> torch.Tensor:
+    return torch.ones((channels, 1, kh, kw), dtype=torch.int64)
+
+
+@implements(aten.avg_pool2d)
+def _avg_pool2d(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    kh, kw = _pair(args[1])
+    stride = _pair(args[2]) if len(args) > 2 and args[2] else (kh, kw)
+    padding = _pair(args[3]) if len(args) > 3 else (0, 0)
+    ceil_mode = args[4] if len(args) > 4 else False
+    count_include_pad = args[5] if len(args) > 5 else True
+    divisor = args[6] if len(args) > 6 else None
+    if ceil_mode or (padding != (0, 0) and not count_include_pad):
+        raise NotImplementedError(f"{func} with ceil_mode or count_include_pad=False")
+    c = x.shape[1]
+    total = V.product(
+        child_of(x), _ones_kernel(c, kh, kw), "conv2d", (stride, padding, (1, 1), c), 0
+    )
+    return FPT(scale(total, 1.0 / (divisor or kh * kw)), x.precision_bits, x.dtype)
+
+
+@implements(aten.avg_pool2d_backward)
+def _avg_pool2d_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, x = args[0], args[1]
+    kh, kw = _pair(args[2])
+    stride = _pair(args[3]) if args[3] else (kh, kw)
+    padding = _pair(args[4])
+    divisor = args[7] if len(args) > 7 else None
+    c = x.shape[1]
+    out_pad = tuple(
+        x.shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i])
+        for i in range(2)
+    )
+    spread = V.product(
+        child_of(grad),
+        _ones_kernel(c, kh, kw),
+        "conv_transpose2d",
+        (stride, padding, out_pad, c, (1, 1)),
+        0,
+    )
+    return FPT(scale(spread, 1.0 / (divisor or kh * kw)), grad.precision_bits, grad.dtype)
+
+
+class SecretIndices(torch.Tensor):
+    """The "indices" output of a secure max pooling: an int64 placeholder of the output's
+    shape that carries the shared one-hot of each window's maximum for the backward pass."""
+
+    @staticmethod
+    def __new__(cls, shape: torch.Size, onehot: Any, info: tuple[Any, ...]) -> SecretIndices:
+        out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.int64, device="cpu")
+        out.onehot = onehot
+        out.info = info
+        return out
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket in (aten.detach, aten.alias):
+            x = args[0]
+            return SecretIndices(x.shape, x.onehot, x.info)
+        raise NotImplementedError(f"{func}: the indices of a secure max pooling are secret")
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return f"SecretIndices(shape={tuple(self.shape)})"
+
+
+def _windows(c: Any, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int]) -> Any:
+    if padding != (0, 0):
+        c = V.shape_op(c, "constant_pad_nd", [padding[1], padding[1], padding[0], padding[0]], 0)
+    c = V.shape_op(c, "unfold", 2, kh, stride[0])
+    c = V.shape_op(c, "unfold", 3, kw, stride[1])  # (N, C, Ho, Wo, kh, kw)
+    n, ch, ho, wo = c.shape[:4]
+    return V.shape_op(c, "reshape", [n, ch, ho, wo, kh * kw])
+
+
+@implements(aten.max_pool2d_with_indices)
+def _max_pool2d(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    kh, kw = _pair(args[1])
+    stride = _pair(args[2]) if len(args) > 2 and args[2] else (kh, kw)
+    padding = _pair(args[3]) if len(args) > 3 else (0, 0)
+    dilation = _pair(args[4]) if len(args) > 4 else (1, 1)
+    ceil_mode = args[5] if len(args) > 5 else False
+    if dilation != (1, 1) or ceil_mode or padding != (0, 0):
+        raise NotImplementedError(f"{func}: only padding 0, dilation 1 and floor mode")
+    win = FPT(_windows(child_of(x), kh, kw, stride, padding), x.precision_bits, x.dtype)
+    values, onehot = A.max_with_onehot(win, -1)
+    values = V.shape_op(values, "squeeze.dim", -1)
+    out = FPT(values, x.precision_bits, x.dtype)
+    return out, SecretIndices(out.shape, onehot, (kh, kw, stride, tuple(x.shape)))
+
+
+@implements(aten.max_pool2d_with_indices_backward)
+def _max_pool2d_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, indices = args[0], args[-1]
+    if type(indices) is not SecretIndices:
+        raise NotImplementedError(f"{func} without the indices of a secure max pooling")
+    kh, kw, stride, shape = indices.info
+    contrib = V.product(V.shape_op(child_of(grad), "unsqueeze", -1), indices.onehot)
+    return FPT(
+        V.shape_op(contrib, "fold_windows", kh, kw, list(stride), list(shape)),
+        grad.precision_bits,
+        grad.dtype,
+    )
+
+
+# ---------------------------------------------------------------------- losses
+
+_MEAN, _SUM = 1, 2
+
+
+@implements(aten.mse_loss)
+def _mse_loss(func: Any, args: Any, kwargs: Any) -> Any:
+    x, target = args[0], args[1]
+    reduction = args[2] if len(args) > 2 else kwargs.get("reduction", _MEAN)
+    diff = _binary_add(x, target, 1, True)
+    sq = multiply(diff, diff)
+    if reduction == _MEAN:
+        total = reduce_sum(sq)
+        return FPT(scale(total.child, 1.0 / diff.numel()), total.precision_bits, total.dtype)
+    if reduction == _SUM:
+        return reduce_sum(sq)
+    return sq
+
+
+def _public_scalar(t: Any) -> float | None:
+    """The value of a public one-element fixed-point tensor (autograd's seed), else None."""
+    if type(t) is FPT and type(t.child) is torch.Tensor and t.child.numel() == 1:
+        return float(t.float_precision().reshape(()))
+    if type(t) is torch.Tensor and t.numel() == 1:
+        return float(t.reshape(()))
+    return None
+
+
+@implements(aten.mse_loss_backward)
+def _mse_loss_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, x, target, reduction = args[0], args[1], args[2], args[3]
+    diff = _binary_add(x, target, 1, True)
+    factor = 2.0 / diff.numel() if reduction == _MEAN else 2.0
+    g = _public_scalar(grad)
+    if g is not None:
+        return FPT(scale(diff.child, factor * g), diff.precision_bits, diff.dtype)
+    return multiply(multiply(diff, grad), factor)
+
+
+@implements(aten.nll_loss_forward)
+def _nll_loss_forward(func: Any, args: Any, kwargs: Any) -> Any:
+    x, target, weight, reduction, ignore_index = args
+    if weight is not None or x.dim() != 2 or type(target) is not torch.Tensor:
+        raise NotImplementedError(f"{func}: only 2-D inputs, public class targets, no weights")
+    valid = target != ignore_index
+    rows = torch.arange(x.shape[0])[valid]
+    picked = V.shape_op(child_of(x), "index", [rows, target[valid]])
+    total = V.neg(V.shape_op(picked, "sum", [0], False))
+    count = int(valid.sum())
+    if reduction == _MEAN:
+        total = scale(total, 1.0 / max(count, 1))
+    elif reduction != _SUM:
+        full = V.neg(
+            V.shape_op(child_of(x), "index", [torch.arange(x.shape[0]), target.clamp(min=0)])
+        )
+        full = V.mul_int(full, valid.to(torch.int64))
+        return FPT(full, x.precision_bits, x.dtype), torch.tensor(0.0)
+    return FPT(total, x.precision_bits, x.dtype), torch.tensor(float(count))
+
+
+@implements(aten.nll_loss_backward)
+def _nll_loss_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, x, target, _, reduction, ignore_index, _ = args
+    valid = (target != ignore_index).to(torch.int64)
+    onehot = torch.zeros(tuple(x.shape), dtype=torch.int64)
+    onehot[torch.arange(x.shape[0]), target.clamp(min=0)] = 1
+    onehot = -(onehot * valid.unsqueeze(1))
+    count = max(int(valid.sum()), 1)
+    g = _public_scalar(grad)
+    f = x.precision_bits
+    if g is not None and reduction in (_MEAN, _SUM):
+        factor = g / count if reduction == _MEAN else g
+        child = torch.round(onehot.double() * factor * 2.0**f).to(torch.int64)
+        return FPT(child, f, x.dtype)
+    if reduction == _MEAN:
+        gg = child_of(multiply(grad, 1.0 / count))
+    elif reduction == _SUM:
+        gg = child_of(grad)
+    else:
+        gg = V.shape_op(child_of(grad), "unsqueeze", 1)
+    gg = V.shape_op(gg, "expand", list(x.shape))
+    return FPT(V.mul_int(gg, onehot), grad.precision_bits, grad.dtype)
+
+
+__all__ = ["SecretIndices", "bilinear", "relu"]

@@ -1,0 +1,336 @@
+"""Approximations of non-linear functions on fixed-point values (public or shared).
+
+Every function takes and returns a :class:`~veil.mpc.fixed.FixedPrecisionTensor` and uses
+only additions, products (Beaver triples when shared), public scalings and the exact
+comparison protocol, so it runs unchanged on public and on secret-shared values. Inside,
+values are carried with more fractional bits than the tensor's ``f`` while they are small
+(up to 28), so that rounding errors are not amplified by repeated squaring. Each docstring
+states the protocol, the input domain and the maximum error measured on it (for the default
+``f = 16``; ``f`` must be at most 24). Outside the stated domain the results are wrong:
+shared values cannot be checked, so callers must respect it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from veil.mpc import _values as V
+from veil.mpc import encoding
+from veil.mpc.fixed import FixedPrecisionTensor
+
+FPT = FixedPrecisionTensor
+_WIDE = 28  # fractional bits used for small intermediate values
+
+
+def _rescale(a: Any, fa: int, fb: int) -> Any:
+    """Ring value ``a`` with ``fa`` fractional bits, re-expressed with ``fb``."""
+    if fb > fa:
+        return V.mul_int(a, 1 << (fb - fa))
+    if fb < fa:
+        return V.truncate(a, fa - fb)
+    return a
+
+
+def _times(a: Any, value: float, fa: int, fout: int) -> Any:
+    """``a * value`` (public real ``value``) from ``fa`` to ``fout`` fractional bits."""
+    m, s = encoding.scalar_multiplier(value)
+    bits = s + fa - fout
+    if bits <= 0:
+        return V.mul_int(a, m << (-bits))
+    return V.truncate(a, bits, m)
+
+
+def _mul(a: Any, b: Any, fa: int, fb: int, fout: int) -> Any:
+    """Product of ring values with ``fa`` and ``fb`` bits, returned with ``fout`` bits."""
+    bits = fa + fb - fout
+    if bits < 0:
+        return V.mul_int(V.product(a, b), 1 << (-bits))
+    return V.product(a, b, "mul", (), bits)
+
+
+def _const(value: float, f: int) -> int:
+    return round(value * 2.0**f)
+
+
+def _out(x: FixedPrecisionTensor, child: Any) -> FixedPrecisionTensor:
+    return FPT(child, x.precision_bits, x.dtype)
+
+
+def _check(x: FixedPrecisionTensor) -> int:
+    f = x.precision_bits
+    if f > 24:
+        raise ValueError(f"approximations need precision_bits <= 24, got {f}")
+    return f
+
+
+# ---------------------------------------------------------------------- exp
+
+_EXP_K = 8  # exp(x) = exp(x / 2^8)^(2^8)
+_EXP_MAX = 20.0  # largest input: exp(20) * 2^(2*15) stays below 2^61 in the last square
+
+
+def _exp_child(a: Any, f: int) -> Any:
+    """exp of ring value ``a`` (``f`` bits) as a ring value with ``f`` bits."""
+    w = _WIDE
+    t = _rescale(a, f, w - _EXP_K)  # t = a / 2^8, carried with 28 bits
+    t2 = V.product(t, t, "mul", (), w)
+    both = V.product(V.cat([t2, t2], "stack", 0), V.cat([t, t2], "stack", 0), "mul", (), w)
+    t3, t4 = V.shape_op(both, "select", 0, 0), V.shape_op(both, "select", 0, 1)
+    s = 24
+    acc = V.add(
+        V.add(V.mul_int(t2, _const(1 / 2, s)), V.mul_int(t3, _const(1 / 6, s))),
+        V.mul_int(t4, _const(1 / 24, s)),
+    )
+    y = V.add(V.add(V.truncate(acc, s), t), 1 << w)  # 1 + t + t^2/2 + t^3/6 + t^4/24
+    f_prev = w
+    for j in range(1, _EXP_K + 1):
+        if j < _EXP_K:
+            bound = math.log2(math.exp(_EXP_MAX * 2**j / 2**_EXP_K))
+            f_next = min(w, int(29.5 - bound))
+        else:
+            f_next = f
+        y = _mul(y, y, f_prev, f_prev, f_next)
+        f_prev = f_next
+    return y
+
+
+def exp(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """``exp(x)`` for ``x`` in [-384, 20].
+
+    Protocol: ``t = x / 256`` (exact, carried with 28 fractional bits); the degree-4 Taylor
+    polynomial ``p(t)`` from the powers ``t^2`` (one product) and ``t^3, t^4`` (one batched
+    product), with the public coefficients applied in one truncation; then eight squarings
+    ``p(t)^(2^8)``, each with as many fractional bits as the growing value allows.
+    Twenty-one rounds when shared.
+
+    Error (measured, f = 16): relative error below 2e-4 for ``exp(x) >= 1e-2`` and absolute
+    error below 3e-5 below that. Outside [-384, 20] the result is wrong (``exp(20) * 2^16``
+    is close to the ring's limit; ``p(t)`` stops decaying below ``t = -1.5``).
+    """
+    f = _check(x)
+    return _out(x, _exp_child(x.child, f))
+
+
+# ---------------------------------------------------------------------- reciprocal
+
+
+def _newton_reciprocal(a: Any, y: Any, f: int, iterations: int) -> Any:
+    """``y <- y * (2 - a * y)`` on ring values with ``f`` bits."""
+    two = 2 << f
+    for _ in range(iterations):
+        ay = V.product(a, y, "mul", (), f)
+        y = V.product(y, V.sub(two, ay), "mul", (), f)
+    return y
+
+
+def _reciprocal_positive(a: Any, f: int) -> Any:
+    init = V.add(V.mul_int(_exp_child(V.sub(_const(0.5, f), a), f), 3), _const(0.003, f))
+    return _newton_reciprocal(a, init, f, 10)
+
+
+def reciprocal(x: FixedPrecisionTensor, *, positive: bool = False) -> FixedPrecisionTensor:
+    """``1 / x`` for ``0.01 <= |x| <= 300`` (``positive=True`` skips the sign handling).
+
+    Protocol: for ``x > 0``, Newton-Raphson ``y <- y (2 - x y)`` (two products per step, ten
+    steps) from ``y0 = 3 exp(0.5 - x) + 0.003``, which makes ``x y0`` lie in (0, 2) on the
+    domain. For any sign, ``s = [x >= 0]`` (exact comparison), ``|x| = x (2s - 1)`` and the
+    result is multiplied by ``2s - 1``.
+
+    Error (measured, f = 16): relative error below 1e-3 on the domain.
+    """
+    f = _check(x)
+    a = x.child
+    if positive:
+        return _out(x, _reciprocal_positive(a, f))
+    sign = V.sub(V.mul_int(V.sign(a), 2), 1)
+    mag = V.product(a, sign)
+    return _out(x, V.product(_reciprocal_positive(mag, f), sign))
+
+
+# ---------------------------------------------------------------------- sigmoid, tanh
+
+
+def _sigmoid_child(a: Any, f: int) -> Any:
+    s = V.sign(a)
+    pm = V.sub(V.mul_int(s, 2), 1)  # +1 / -1
+    mag = V.product(a, pm)  # |x|
+    e = _exp_child(V.neg(mag), f)  # exp(-|x|) in (0, 1]
+    d = V.add(e, 1 << f)  # 1 + exp(-|x|) in (1, 2]
+    y = V.sub(_const(24 / 17, f), _times(d, 8 / 17, f, f))
+    y = _newton_reciprocal(d, y, f, 3)  # sigmoid(|x|)
+    # sigmoid(x) = sigmoid(|x|) if x >= 0 else 1 - sigmoid(|x|) = (1 - s) + (2s - 1) y
+    return V.add(V.product(y, pm), V.mul_int(V.sub(1, s), 1 << f))
+
+
+def sigmoid(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """``1 / (1 + exp(-x))`` for ``|x| <= 384``.
+
+    Protocol: ``s = [x >= 0]`` (exact comparison), ``|x| = x (2s - 1)``,
+    ``d = 1 + exp(-|x|)`` in (1, 2], ``1 / d`` by three Newton steps from the linear guess
+    ``24/17 - 8/17 d`` (relative error at most 1/17 on [1, 2], squared by each step), and
+    ``sigmoid(x) = (1 - s) + (2s - 1) / d``.
+
+    Error (measured, f = 16): absolute error below 1e-4 on the domain.
+    """
+    f = _check(x)
+    return _out(x, _sigmoid_child(x.child, f))
+
+
+def tanh(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """``tanh(x) = 2 sigmoid(2x) - 1`` for ``|x| <= 192``; absolute error below 2e-4."""
+    f = _check(x)
+    return _out(x, V.sub(V.mul_int(_sigmoid_child(V.mul_int(x.child, 2), f), 2), 1 << f))
+
+
+# ---------------------------------------------------------------------- log, sqrt
+
+
+def log(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """Natural logarithm for ``x`` in [0.05, 190].
+
+    Protocol: Householder iterations on ``exp(y) = x``: with ``h = 1 - x exp(-y)``,
+    ``y <- y - (h + h^2/2 + h^3/3)`` (third order), three iterations from
+    ``y0 = x/120 - 20 exp(-2x - 1) + 3`` (the domain's upper end keeps ``-2x - 1`` inside
+    the domain of :func:`exp`).
+
+    Error (measured, f = 16): absolute error below 2e-3 on the domain.
+    """
+    f = _check(x)
+    a = x.child
+    y = V.add(
+        V.sub(
+            _times(a, 1 / 120, f, f), V.mul_int(_exp_child(V.sub(V.mul_int(a, -2), 1 << f), f), 20)
+        ),
+        3 << f,
+    )
+    for _ in range(3):
+        h = V.sub(1 << f, V.product(a, _exp_child(V.neg(y), f), "mul", (), f))
+        h2 = V.product(h, h, "mul", (), f)
+        h3 = V.product(h2, h, "mul", (), f)
+        corr = V.add(V.add(h, _times(h2, 0.5, f, f)), _times(h3, 1 / 3, f, f))
+        y = V.sub(y, corr)
+    return _out(x, y)
+
+
+def _rsqrt_child(a: Any, f: int) -> Any:
+    y = V.add(
+        _times(_exp_child(V.sub(_times(a, -0.5, f, f), _const(0.2, f)), f), 2.2, f, f),
+        _const(0.2, f),
+    )
+    y = V.sub(y, _times(a, 1 / 1024, f, f))
+    three = 3 << f
+    for _ in range(5):
+        y2 = V.product(y, y, "mul", (), f)
+        y = _times(
+            V.product(y, V.sub(three, V.product(a, y2, "mul", (), f)), "mul", (), f), 0.5, f, f
+        )
+    return y
+
+
+def rsqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """``1 / sqrt(x)`` for ``x`` in [0.05, 150].
+
+    Protocol: Newton-Raphson ``y <- y (3 - x y^2) / 2`` (five steps) from
+    ``y0 = 2.2 exp(-x/2 - 0.2) + 0.2 - x/1024``.
+
+    Error (measured, f = 16): relative error below 1e-3 on the domain.
+    """
+    f = _check(x)
+    return _out(x, _rsqrt_child(x.child, f))
+
+
+def sqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """``sqrt(x) = x * rsqrt(x)`` for ``x`` in [0.05, 150]; relative error below 1e-3."""
+    f = _check(x)
+    return _out(x, V.product(x.child, _rsqrt_child(x.child, f), "mul", (), f))
+
+
+# ---------------------------------------------------------------------- max, softmax
+
+
+def max_with_onehot(x: FixedPrecisionTensor, dim: int) -> tuple[Any, Any]:
+    """Ring values of ``max(x, dim)`` (dim kept as size 1) and the one-hot of its position.
+
+    Protocol: a tournament. The candidates are halved ``log2(k)`` times; each pairing
+    computes ``s = [a >= b]`` (exact comparison) and selects ``b + s (a - b)`` for the value
+    and for the one-hot position vector (one product, batched). Ties go to the first index.
+    """
+    c = x.child
+    dim = dim % x.dim()
+    k = x.shape[dim]
+    c = V.shape_op(c, "transpose", dim, -1) if dim != x.dim() - 1 else c
+    lead = tuple(c.shape[:-1])
+    values = V.shape_op(c, "unsqueeze", -1)  # (..., k, 1)
+    onehot = torch.eye(k, dtype=torch.int64).expand(*lead, k, k)  # (..., k, k)
+    while k > 1:
+        half = k // 2
+        a = V.shape_op(values, "slice", -2, 0, half, 1)
+        b = V.shape_op(values, "slice", -2, half, 2 * half, 1)
+        oa = V.shape_op(onehot, "slice", -2, 0, half, 1)
+        ob = V.shape_op(onehot, "slice", -2, half, 2 * half, 1)
+        s = V.sign(V.sub(a, b))  # (..., half, 1)
+        diff = V.cat([V.sub(a, b), V.sub(oa, ob)], "cat", -1)  # (..., half, 1 + k0)
+        picked = V.add(V.cat([b, ob], "cat", -1), V.product(s, diff))
+        new_values = V.shape_op(picked, "slice", -1, 0, 1, 1)
+        new_onehot = V.shape_op(picked, "slice", -1, 1, None, 1)
+        if k % 2:
+            new_values = V.cat(
+                [new_values, V.shape_op(values, "slice", -2, k - 1, k, 1)], "cat", -2
+            )
+            new_onehot = V.cat(
+                [new_onehot, V.shape_op(onehot, "slice", -2, k - 1, k, 1)], "cat", -2
+            )
+        values, onehot = new_values, new_onehot
+        k = half + (k % 2)
+    values = V.shape_op(values, "squeeze.dim", -1)  # (..., 1)
+    onehot = V.shape_op(onehot, "squeeze.dim", -2)  # (..., k0)
+    if dim != x.dim() - 1:
+        values = V.shape_op(values, "transpose", dim, -1)
+        onehot = V.shape_op(onehot, "transpose", dim, -1)
+    return values, onehot
+
+
+def softmax(x: FixedPrecisionTensor, dim: int) -> FixedPrecisionTensor:
+    """``softmax(x, dim)`` for differences ``x_i - max(x)`` in [-384, 0] and at most 300
+    entries along ``dim``.
+
+    Protocol: ``m = max(x, dim)`` (tournament of exact comparisons), ``e = exp(x - m)``
+    (so every ``e`` is in (0, 1] and the largest is 1), ``S = sum(e)`` in [1, k], and
+    ``e / S`` with the reciprocal's Newton iteration.
+
+    Error (measured, f = 16): absolute error below 1e-3.
+    """
+    f = _check(x)
+    m, _ = max_with_onehot(x, dim)
+    e = _exp_child(V.sub(x.child, m), f)
+    total = V.shape_op(e, "sum", [dim], True)
+    inv = _reciprocal_positive(total, f)
+    return _out(x, V.product(e, inv, "mul", (), f))
+
+
+def log_softmax(x: FixedPrecisionTensor, dim: int) -> FixedPrecisionTensor:
+    """``log_softmax(x, dim) = x - m - log(sum(exp(x - m)))``, same domain as
+    :func:`softmax`; absolute error below 3e-3."""
+    _check(x)
+    m, _ = max_with_onehot(x, dim)
+    shifted = FPT(V.sub(x.child, m), x.precision_bits, x.dtype)
+    e = _exp_child(shifted.child, x.precision_bits)
+    total = FPT(V.shape_op(e, "sum", [dim], True), x.precision_bits, x.dtype)
+    return _out(x, V.sub(shifted.child, log(total).child))
+
+
+__all__ = [
+    "exp",
+    "log",
+    "log_softmax",
+    "max_with_onehot",
+    "reciprocal",
+    "rsqrt",
+    "sigmoid",
+    "softmax",
+    "sqrt",
+    "tanh",
+]

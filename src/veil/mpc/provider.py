@@ -1,0 +1,306 @@
+"""The crypto provider (dealer): correlated randomness for the parties, never their inputs.
+
+The provider is a worker that takes no part in the computation. For each protocol step it
+draws fresh random values from its CSPRNG (:mod:`veil.mpc._random`), computes the
+correlations the protocol needs (a Beaver triple ``c = a * b``, a truncation pair, the bits
+of a comparison mask), splits every value into additive shares (XOR shares for bit-level
+values) and sends each party its own **bundle**: one flat int64 tensor per party, moved from
+the provider's worker straight to the party's worker. Parties ``0..n-2`` get uniformly random
+bundles; the last party gets ``value - sum(others)`` (or the XOR), so any ``n - 1`` bundles
+are independent of the values.
+
+Security model: semi-honest parties and provider, the provider colluding with no party. The
+provider sees no input and no opened value; a party sees its own shares, its bundles and
+values that are masked by dealer randomness unknown to it.
+
+Every bundle layout is described by a :class:`Layout` built from the same arguments on the
+provider and on the parties, so a bundle needs no header. A dealer call can produce
+``count`` bundles at once (shape ``(count, L)``); parties use row ``index``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from veil._errors import ProtocolError
+from veil.mpc import limbs
+from veil.mpc._random import random_int64
+from veil.mpc.encoding import wrap
+from veil.pointers import remote_function
+
+Shape = tuple[int, ...]
+
+
+class Layout:
+    """Where each named piece sits in a flat bundle: arithmetic pieces first, then XOR ones."""
+
+    __slots__ = ("arith_len", "pieces", "total")
+
+    def __init__(self, arith: Sequence[tuple[str, Shape]], xor: Sequence[tuple[str, Shape]] = ()):
+        self.pieces: dict[str, tuple[int, int, Shape]] = {}
+        pos = 0
+        for name, shape in (*arith, *xor):
+            numel = _numel(shape)
+            self.pieces[name] = (pos, numel, tuple(shape))
+            pos += numel
+        self.arith_len = sum(_numel(s) for _, s in arith)
+        self.total = pos
+
+    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` (one bundle row) by piece name."""
+        return {
+            name: flat[start : start + numel].view(shape)
+            for name, (start, numel, shape) in self.pieces.items()
+        }
+
+    def get(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        start, numel, shape = self.pieces[name]
+        return flat[start : start + numel].view(shape)
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _check_parties(n: int, count: int) -> None:
+    if type(n) is not int or n < 2:
+        raise ProtocolError(f"the provider needs a party count of at least 2, got {n!r}")
+    if type(count) is not int or count < 1:
+        raise ProtocolError(f"bundle count must be a positive int, got {count!r}")
+
+
+def split_bundles(
+    arith: list[torch.Tensor], xor: list[torch.Tensor], n: int
+) -> tuple[torch.Tensor, ...]:
+    """Split per-item flat values into ``n`` bundles of shape ``(count, La + Lx)``.
+
+    ``arith[k]`` and ``xor[k]`` are item ``k``'s arithmetic and XOR values, flattened.
+    """
+    va = torch.stack(arith) if arith and arith[0].numel() else None
+    vx = torch.stack(xor) if xor and xor[0].numel() else None
+    count = len(arith) if arith else len(xor)
+    la = 0 if va is None else va.shape[1]
+    lx = 0 if vx is None else vx.shape[1]
+    rand = random_int64((n - 1, count, la + lx))
+    parts = []
+    if va is not None:
+        parts.append(va - rand[:, :, :la].sum(0))
+    if vx is not None:
+        last_x = vx.clone()
+        for j in range(n - 1):
+            last_x ^= rand[j, :, la:]
+        parts.append(last_x)
+    last = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return (*rand.unbind(0), last)
+
+
+def _bundle_meta(total: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty((count, total), dtype=torch.int64, device="meta") for _ in range(n))
+
+
+# ---------------------------------------------------------------------- Beaver triples
+
+
+@functools.lru_cache(maxsize=4096)
+def product_shape(kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...]) -> Shape:
+    """The shape of ``op(x, y)`` for a Beaver ``kind`` ("mul", "matmul", "conv2d")."""
+    x = torch.empty(sx, dtype=torch.int64, device="meta")
+    y = torch.empty(sy, dtype=torch.int64, device="meta")
+    return tuple(ring_product(kind, x, y, params).shape)
+
+
+def ring_product(
+    kind: str, x: torch.Tensor, y: torch.Tensor, params: tuple[Any, ...]
+) -> torch.Tensor:
+    """The bilinear map of a Beaver triple, modulo 2^64.
+
+    Kinds: ``"mul"`` (elementwise, broadcasting), ``"matmul"``, ``"conv2d"`` (params:
+    stride, padding, dilation, groups), ``"conv_transpose2d"`` (params: stride, padding,
+    output_padding, groups, dilation; the input gradient of a convolution) and
+    ``"conv2d_weight"`` (``x`` the input, ``y`` the output gradient; params: stride,
+    padding, dilation, kernel size; the weight gradient of an ungrouped convolution).
+    """
+    if kind == "mul":
+        return x * y
+    if kind == "matmul":
+        return limbs.matmul(x, y)
+    if kind == "conv2d":
+        stride, padding, dilation, groups = params
+        return limbs.conv2d(x, y, stride, padding, dilation, groups)
+    if kind == "conv_transpose2d":
+        stride, padding, output_padding, groups, dilation = params
+        return torch.nn.functional.conv_transpose2d(
+            x, y, None, stride, padding, output_padding, groups, dilation
+        )
+    if kind == "conv2d_weight":
+        stride, padding, dilation, kernel = params
+        # d loss / d w[o, c, i, j] = sum_{n,p,q} g[n, o, p, q] * x[n, c, p*s + i*d - pad, ...]:
+        # a convolution of x^T (C, N, H, W) by g^T (O, N, Ho, Wo) with stride and dilation
+        # swapped, cropped to the kernel size.
+        out = limbs.conv2d(x.transpose(0, 1), y.transpose(0, 1), dilation, padding, stride, 1)
+        return out[:, :, : kernel[0], : kernel[1]].transpose(0, 1)
+    raise ProtocolError(f"unknown product kind {kind!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def beaver_layout(kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...], trunc: int) -> Layout:
+    """Bundle of a Beaver triple ``(a, b, c = op(a, b))``, then a truncation pair if ``trunc``."""
+    sz = product_shape(kind, sx, sy, params)
+    pieces = [("a", sx), ("b", sy), ("c", sz)]
+    if trunc:
+        pieces += [("r", sz), ("r_hi", sz), ("msb", sz)]
+    return Layout(pieces)
+
+
+@functools.lru_cache(maxsize=4096)
+def trunc_layout(shape: Shape) -> Layout:
+    """Bundle of a truncation pair: ``r``, ``r >>> bits`` and ``r >>> 63`` (all arithmetic)."""
+    return Layout([("r", shape), ("r_hi", shape), ("msb", shape)])
+
+
+def _trunc_values(shape: Shape, bits: int) -> list[torch.Tensor]:
+    r = random_int64(shape)
+    r_hi = (r >> bits) & wrap((1 << (64 - bits)) - 1)
+    msb = (r >> 63) & 1
+    return [r, r_hi, msb]
+
+
+def _check_bits(bits: int) -> None:
+    if type(bits) is not int or not 1 <= bits <= 60:
+        raise ProtocolError(f"truncation bits must be an int in [1, 60], got {bits!r}")
+
+
+def _deal_beaver_meta(
+    kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...], trunc: int, n: int, count: int
+) -> tuple[torch.Tensor, ...]:
+    return _bundle_meta(
+        beaver_layout(kind, tuple(sx), tuple(sy), tuple(params), trunc).total, n, count
+    )
+
+
+@remote_function("mpc.deal_beaver", meta=_deal_beaver_meta)
+def deal_beaver(
+    kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...], trunc: int, n: int, count: int
+) -> tuple[torch.Tensor, ...]:
+    """``count`` Beaver triples ``a, b, c = op(a, b)`` for ``n`` parties (dealer side).
+
+    With ``trunc > 0`` each bundle also holds a truncation pair for the product (see
+    :func:`veil.mpc.protocols.truncation.truncate`).
+    """
+    _check_parties(n, count)
+    if trunc:
+        _check_bits(trunc)
+    sx, sy, params = tuple(sx), tuple(sy), tuple(params)
+    sz = product_shape(kind, sx, sy, params)
+    items = []
+    for _ in range(count):
+        a = random_int64(sx)
+        b = random_int64(sy)
+        vals = [a, b, ring_product(kind, a, b, params)]
+        if trunc:
+            vals += _trunc_values(sz, trunc)
+        items.append(torch.cat([v.reshape(-1) for v in vals]))
+    return split_bundles(items, [], n)
+
+
+def _deal_trunc_meta(shape: Shape, bits: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
+    return _bundle_meta(trunc_layout(tuple(shape)).total, n, count)
+
+
+@remote_function("mpc.deal_trunc", meta=_deal_trunc_meta)
+def deal_trunc(shape: Shape, bits: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
+    """``count`` truncation pairs (``r``, ``r >>> bits``, ``msb(r)``) for ``n`` parties."""
+    _check_parties(n, count)
+    _check_bits(bits)
+    items = [
+        torch.cat([v.reshape(-1) for v in _trunc_values(tuple(shape), bits)]) for _ in range(count)
+    ]
+    return split_bundles(items, [], n)
+
+
+# ---------------------------------------------------------------------- comparison material
+
+#: Number of levels of the carry tree after the free first level (blocks of 2 -> 64 bits).
+AND_LEVELS = 5
+
+
+@functools.lru_cache(maxsize=4096)
+def sign_layout(numel: int, relu: bool) -> Layout:
+    """Bundle of one batched sign (comparison with zero) of ``numel`` values.
+
+    Arithmetic: the mask ``r``, ``R = r >>> 62``, ``msb = r >>> 63``, a random bit ``rho``;
+    with ``relu``, a mask ``alpha`` for the input and the products ``alpha * R``,
+    ``alpha * msb``, ``alpha * rho``. XOR (bit-packed words): ``r' = r mod 2^62``,
+    ``m = r' & (r' >> 1)`` (lets the parties skip the first level of the carry tree), one AND
+    triple ``(a, b, c)`` per remaining tree level and ``rho`` again, bit-shared.
+    """
+    n = (numel,)
+    arith = [("r", n), ("R", n), ("msb", n), ("rho_a", n)]
+    if relu:
+        arith += [("alpha", n), ("alpha_R", n), ("alpha_msb", n), ("alpha_rho", n)]
+    xor: list[tuple[str, Shape]] = [("rp", n), ("m", n)]
+    for level in range(1, AND_LEVELS + 1):
+        rows = 2 if level < AND_LEVELS else 1
+        xor += [
+            (f"a{level}", (rows, numel)),
+            (f"b{level}", (rows, numel)),
+            (f"c{level}", (rows, numel)),
+        ]
+    xor.append(("rho_x", n))
+    return Layout(arith, xor)
+
+
+def _deal_sign_meta(numel: int, relu: bool, n: int, count: int) -> tuple[torch.Tensor, ...]:
+    return _bundle_meta(sign_layout(numel, relu).total, n, count)
+
+
+@remote_function("mpc.deal_sign", meta=_deal_sign_meta)
+def deal_sign(numel: int, relu: bool, n: int, count: int) -> tuple[torch.Tensor, ...]:
+    """``count`` bundles of comparison material for ``numel`` values and ``n`` parties."""
+    _check_parties(n, count)
+    if type(numel) is not int or numel < 1:
+        raise ProtocolError(f"numel must be a positive int, got {numel!r}")
+    arith_items, xor_items = [], []
+    low = (1 << 62) - 1
+    for _ in range(count):
+        r = random_int64(numel)
+        big_r = (r >> 62) & 3
+        msb = (r >> 63) & 1
+        rho = random_int64(numel) & 1
+        arith = [r, big_r, msb, rho]
+        if relu:
+            alpha = random_int64(numel)
+            arith += [alpha, alpha * big_r, alpha * msb, alpha * rho]
+        rp = r & low
+        xor = [rp, rp & (rp >> 1)]
+        for level in range(1, AND_LEVELS + 1):
+            rows = 2 if level < AND_LEVELS else 1
+            a = random_int64((rows, numel))
+            b = random_int64((rows, numel))
+            xor += [a, b, a & b]
+        xor.append(rho)
+        arith_items.append(torch.cat([v.reshape(-1) for v in arith]))
+        xor_items.append(torch.cat([v.reshape(-1) for v in xor]))
+    return split_bundles(arith_items, xor_items, n)
+
+
+__all__ = [
+    "AND_LEVELS",
+    "Layout",
+    "beaver_layout",
+    "deal_beaver",
+    "deal_sign",
+    "deal_trunc",
+    "product_shape",
+    "ring_product",
+    "sign_layout",
+    "split_bundles",
+    "trunc_layout",
+]
