@@ -115,3 +115,13 @@ def test_moves_to_and_from_in_process_workers_fail_clearly(pair):
         torch.ones(2).send(local).move(alice)
         with pytest.raises(veil.WorkerUnavailable, match="no virtual worker at ws://"):
             local.flush()
+
+
+def test_a_move_to_a_departed_client_reports_that_its_session_ended(pair):
+    a, b, _ = pair
+    with connect(a.url, token=a.token, timeout=10) as alice:
+        bob = connect(b.url, token=b.token, timeout=10)
+        bob.close()
+        torch.ones(2).send(alice).move(bob)
+        with pytest.raises(veil.WorkerUnavailable, match=r"session on .* has ended"):
+            alice.flush()

@@ -31,6 +31,8 @@ from veil.serde import decode, encode
 PROTOCOL = "veil/1"
 NONCE_BYTES = 32
 SESSION_KEY_BYTES = 16
+#: WebSocket close code: a worker delivering a moved object names a session that has ended.
+SESSION_ENDED = 4404
 #: Tokens shorter than this are refused: they could be guessed.
 MIN_TOKEN_CHARS = 16
 

@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from veil._errors import AuthenticationError, VeilError, WorkerUnavailable
-from veil.net._auth import ClientHandshake
+from veil.net._auth import SESSION_ENDED, ClientHandshake
 from veil.net._frames import batch_frame, split_address
 from veil.net._tls import client_context
 from veil.serde import decode, encode
@@ -122,6 +122,10 @@ class PeerLinks:
         except ConnectionClosed as exc:
             ws.transport.abort()
             rcvd = exc.rcvd
+            if rcvd is not None and rcvd.code == SESSION_ENDED:
+                raise WorkerUnavailable(
+                    f"the receiving client's session on {url} has ended"
+                ) from None
             if rcvd is not None and rcvd.code == 1008:
                 raise AuthenticationError(
                     f"{url} refused worker {self.name!r}: {rcvd.reason or 'bad credentials'}"

@@ -43,6 +43,7 @@ from veil._errors import (
     WorkerUnavailable,
 )
 from veil.net._auth import (
+    SESSION_ENDED,
     SESSION_KEY_BYTES,
     TokenBook,
     check_auth,
@@ -264,7 +265,9 @@ class WorkerServer:
             if hello.into:
                 target = self._clients.get(hello.into)
                 if target is None:
-                    raise AuthenticationError("it names a session that does not exist")
+                    log.warning("refused %s: the session it delivers to has ended", where)
+                    await ws.close(SESSION_ENDED, "the receiving session has ended")
+                    return None
             session = Session(hello.name, track=True, max_objects=self.limits.max_objects)
             key = secrets.token_bytes(SESSION_KEY_BYTES)
             if target is None:
