@@ -51,11 +51,36 @@ def _virtual(serialize: bool) -> Iterator[veil.Worker]:
     yield veil.VirtualWorker("alice", serialize=serialize)
 
 
+@contextlib.contextmanager
+def _websocket() -> Iterator[veil.Worker]:
+    """A ``veil worker`` subprocess on loopback (token, no TLS), reached with connect()."""
+    from veil.net import connect, spawn_worker
+
+    with (
+        spawn_worker("alice", args=["--threads", "1"]) as proc,
+        connect(proc.url, token=proc.token) as worker,
+    ):
+        yield worker
+
+
 #: name -> context manager factory yielding a worker; more kinds may be added here.
 MODES: dict[str, Callable[[], contextlib.AbstractContextManager[veil.Worker]]] = {
     "virtual": lambda: _virtual(False),
     "virtual+serialize": lambda: _virtual(True),
+    "websocket": _websocket,
 }
+
+
+def _round_trip(worker: veil.Worker, n: int = 1000) -> float:
+    """Median seconds of an empty request (``flush``) to a worker."""
+    for _ in range(100):
+        worker.flush()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        worker.flush()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
 def _count(worker: veil.Worker) -> tuple[int, int]:
@@ -80,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         remote = {m: [(a.send(w), b.send(w)) for a, b in local] for m, w in workers.items()}
         times: dict[str, list[float]] = {"plain PyTorch": []}
         counts: dict[str, tuple[float, float]] = {}
+        trips: dict[str, float] = {}
         for m in workers:
             times[m] = []
         train(paper_mlp(), local, 1)  # warm-up
@@ -95,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                     for m, model in models.items()}
             spent = dict.fromkeys(models, 0.0)
             before = {m: _count(w) for m, w in workers.items()}
+            trips_before = {m: getattr(w, "round_trips", 0) for m, w in workers.items()}
             for _ in range(args.epochs):
                 for m, model in models.items():
                     batches = local if m == "plain PyTorch" else remote[m]
@@ -106,10 +133,13 @@ def main(argv: list[str] | None = None) -> None:
             for m in models:
                 times[m].append(spent[m] / n_batches)
             for m, w in workers.items():
+                if hasattr(w, "round_trips"):
+                    trips[m] = (w.round_trips - trips_before[m]) / n_batches
                 after = _count(w)
                 counts[m] = ((after[0] - before[m][0]) / n_batches,
                              (after[1] - before[m][1]) / n_batches)
                 models[m].get()
+        latency = {m: _round_trip(w) for m, w in workers.items() if hasattr(w, "round_trips")}
 
     base = statistics.median(times["plain PyTorch"])
     print(f"Boston Housing MLP, batch 8, {args.epochs} epochs, median of {args.repeats} repeats")
@@ -118,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(ts)
         msgs, nbytes = counts.get(m, (0.0, 0.0))
         print(f"{m:<22}{med * 1e6:>10.0f}{med / base:>7.2f}x{msgs:>12.1f}{nbytes:>13.0f}")
+    for m, t in trips.items():
+        print(f"{m}: {t:.2f} round trips per batch, {latency[m] * 1e6:.0f} us per round trip "
+              "(median; worker in a subprocess on loopback)")
     print("the paper's framework: 46x (virtual workers), ~66x (WebSocket workers)")
 
 

@@ -42,7 +42,9 @@ def _processes(names: tuple[str, ...]) -> list[WorkerProcess]:
     missing = [n for n in dict.fromkeys(names) if n not in _POOL or not _POOL[n].alive()]
     if missing:
         with ThreadPoolExecutor(len(missing)) as pool:
-            started = pool.map(lambda n: spawn_worker(n, token=_TOKEN), missing)
+            started = pool.map(
+                lambda n: spawn_worker(n, token=_TOKEN, args=["--threads", "1"]), missing
+            )
             _POOL.update(zip(missing, started))
     return [_POOL[n] for n in names]
 
