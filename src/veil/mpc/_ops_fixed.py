@@ -77,14 +77,16 @@ def _as_child(x: Any, fx: int | None, f: int) -> Any:
     return public_child(float(x), f)
 
 
-def scale(child: Any, value: float | int) -> Any:
-    """``child * value`` for a public real ``value``, keeping ~24 significant bits of it."""
+def scale(child: Any, value: float | int, plus: Any = None) -> Any:
+    """``child * value`` for a public real ``value``, keeping ~24 significant bits of it,
+    plus the ring value ``plus`` if given (fused into the truncation's last step)."""
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, int) or (float(value).is_integer() and abs(value) < 2**24):
-        return V.mul_int(child, int(value))
+        out = V.mul_int(child, int(value))
+        return out if plus is None else V.add(plus, out)
     m, s = encoding.scalar_multiplier(float(value))
-    return V.truncate(child, s, m)
+    return V.truncate(child, s, m, plus)
 
 
 def fpt_args(args: tuple[Any, ...]) -> FixedPrecisionTensor:
@@ -306,6 +308,10 @@ def _split(func: Any, args: Any, kwargs: Any) -> Any:
 
 def _binary_add(a: Any, b: Any, alpha: Any, subtract: bool) -> FixedPrecisionTensor:
     if alpha != 1 and type(b) is FPT:
+        if type(a) is FPT and a.precision_bits == b.precision_bits:
+            # a + alpha * b in one truncation (the optimizer's p.add_(g, alpha=-lr))
+            child = scale(child_of(b), -alpha if subtract else alpha, child_of(a))
+            return FPT(child, a.precision_bits, a.dtype)
         b = FPT(scale(child_of(b), alpha), b.precision_bits, b.dtype)
         alpha = 1
     ca, cb, f, dtype = fixed_pair(a, b if alpha == 1 else b * alpha)
@@ -494,6 +500,17 @@ def _mm(func: Any, args: Any, kwargs: Any) -> Any:
 def _addmm(func: Any, args: Any, kwargs: Any) -> Any:
     bias, m1, m2 = args[0], args[1], args[2]
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if (
+        beta == 1
+        and alpha == 1
+        and type(bias) is FPT
+        and type(m1) is FPT
+        and type(m2) is FPT
+        and bias.precision_bits == m1.precision_bits == m2.precision_bits
+    ):
+        f = m1.precision_bits  # bias added inside the product's last step
+        child = V.product(child_of(m1), child_of(m2), "matmul", (), f, child_of(bias))
+        return FPT(child, f, m1.dtype)
     prod = matmul(m1, m2)
     if alpha != 1:
         prod = multiply(prod, alpha)

@@ -236,28 +236,39 @@ POOL_BYTES = 4 << 20
 POOL_MAX = 32
 
 
+def _rows_meta(bundle: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(bundle.unbind(0))
+
+
+@remote_function("mpc.rows", meta=_rows_meta)
+def rows(bundle: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A party's bundles of one provider request, one per protocol run (views, no copy)."""
+    return tuple(bundle.unbind(0))
+
+
 def material(
     ctx: Context, what: str, fn: Callable[..., Any], args: tuple[Any, ...], words: int
-) -> tuple[list[Any], int]:
-    """Dealer material for one protocol run: ``(bundles, index)``; party ``i`` uses row
-    ``index`` of ``bundles[i]``.
+) -> list[Any]:
+    """Dealer material for one protocol run: one bundle (a flat int64 tensor) per party.
 
     Bundles are drawn from a pool per request signature: the first request asks the
     provider for one bundle, and each refill doubles the count (up to :data:`POOL_MAX` and
     :data:`POOL_BYTES`), so the repeated signatures of a training loop cost one provider
-    request every few steps while one-off shapes waste nothing. Each bundle is used once.
+    request every few steps while one-off shapes waste nothing. Each bundle is used once:
+    a party's pool is split into rows once per refill, and a run takes the next row.
     """
     key = (fn, args)
     pool = ctx.pools.get(key)
-    if pool is None or pool[1] >= pool[2]:
-        last = 0 if pool is None else pool[2]
+    if pool is None or pool[1] >= len(pool[0][0]):
+        last = 0 if pool is None else len(pool[0][0])
         count = max(1, min(2 * last, POOL_MAX, POOL_BYTES // max(1, 8 * words)))
         bundles = deal(ctx, what, fn, *args, ctx.n, count)
-        pool = [bundles, 0, count]
+        per_party = [rows(b) for b in bundles] if ctx.remote else [b.unbind(0) for b in bundles]
+        pool = [per_party, 0]
         ctx.pools[key] = pool
     index = pool[1]
     pool[1] = index + 1
-    return pool[0], index
+    return [p[index] for p in pool[0]]
 
 
 def on_party(ctx: Context, i: int, fn: Callable[..., Any], *args: Any) -> Any:

@@ -129,6 +129,10 @@ def product_local(
 def _plain_check(kind: str, a: torch.Tensor, b: torch.Tensor, params: tuple[Any, ...]) -> None:
     if not a.numel() or not b.numel():
         return
+    if kind == "matmul" and params:
+        a = a.t() if params[0] else a
+        b = b.t() if params[1] else b
+        params = ()
     bound = ring_product_float(kind, a.double().abs(), b.double().abs(), params)
     if bound.numel() and float(bound.max()) >= _LIMIT:
         raise PrecisionOverflow(
@@ -148,45 +152,67 @@ def ring_product_float(
     return torch.nn.functional.conv2d(a, b, None, stride, padding, dilation, groups)
 
 
-def product(a: Any, b: Any, kind: str = "mul", params: tuple[Any, ...] = (), trunc: int = 0) -> Any:
-    """``op(a, b)`` then divided by ``2^trunc`` (rounded), for any mix of shared and public."""
+def _addend(plus: Any, ctx: Any) -> list[Any] | None:
+    """Per-party pieces of a ring value to add: its shares, or the public value on party 0."""
+    if plus is None:
+        return None
+    if type(plus) is AST:
+        return list(plus.shares)
+    return [plus] + [None] * (ctx.n - 1)
+
+
+def product(
+    a: Any,
+    b: Any,
+    kind: str = "mul",
+    params: tuple[Any, ...] = (),
+    trunc: int = 0,
+    plus: Any = None,
+) -> Any:
+    """``op(a, b)`` divided by ``2^trunc`` (rounded), plus ``plus`` if given, for any mix of
+    shared and public operands. Lazily transposed shared matrices are transposed inside the
+    parties' own product steps."""
     sa, sb = type(a) is AST, type(b) is AST
+    if kind == "matmul" and not params and ((sa and a.transposed) or (sb and b.transposed)):
+        params = (sa and a.transposed, sb and b.transposed)
     if sa and sb:
         from veil.mpc._runtime import merge
 
         ctx = merge(a.ctx, b.ctx)
-        return AST(protocols.beaver_product(ctx, a.shares, b.shares, kind, params, trunc), ctx)
+        shares = protocols.beaver_product(
+            ctx, a.raw_shares, b.raw_shares, kind, params, trunc, _addend(plus, ctx)
+        )
+        return AST(shares, ctx)
     if sa or sb:
         x = a if sa else b
         ctx = x.ctx
-        if ctx.remote:
-            shares = [
-                product_local(kind, s, b, params) if sa else product_local(kind, a, s, params)
-                for s in x.shares
-            ]
+        fn = product_local if ctx.remote else ring_product
+        if sa:
+            shares = [fn(kind, s, b, params) for s in x.raw_shares]
         else:
-            shares = [
-                ring_product(kind, s, b, params) if sa else ring_product(kind, a, s, params)
-                for s in x.shares
-            ]
+            shares = [fn(kind, a, s, params) for s in x.raw_shares]
         if trunc:
-            shares = protocols.truncate(ctx, shares, trunc)
-        return AST(shares, ctx)
+            return AST(protocols.truncate(ctx, shares, trunc, 1, _addend(plus, ctx)), ctx)
+        out = AST(shares, ctx)
+        return out if plus is None else add(out, plus)
     _plain_check(kind, a, b, params)
     z = ring_product(kind, a, b, params)
     if trunc:
         z = (z + (1 << (trunc - 1))) >> trunc
-    return z
+    return z if plus is None else add(z, plus)
 
 
-def truncate(a: Any, bits: int, scale: int = 1) -> Any:
-    """``a * scale / 2^bits`` rounded (stochastically when shared, to nearest when public)."""
+def truncate(a: Any, bits: int, scale: int = 1, plus: Any = None) -> Any:
+    """``a * scale / 2^bits`` rounded (stochastically when shared, to nearest when public),
+    plus ``plus`` if given (fused into the protocol's last step)."""
     if bits == 0:
-        return mul_int(a, scale) if scale != 1 else a
+        out = mul_int(a, scale) if scale != 1 else a
+        return out if plus is None else add(out, plus)
     if type(a) is AST:
-        return AST(protocols.truncate(a.ctx, a.shares, bits, scale), a.ctx)
+        return AST(protocols.truncate(a.ctx, a.shares, bits, scale, _addend(plus, a.ctx)), a.ctx)
     z = mul_int(a, scale) if scale != 1 else a
-    return (z + (1 << (bits - 1))) >> bits
+    z = (z + (1 << (bits - 1))) >> bits
+    return z if plus is None else add(z, plus)
 
 
 def sign(a: Any) -> Any:

@@ -121,7 +121,8 @@ def ring_product(
 ) -> torch.Tensor:
     """The bilinear map of a Beaver triple, modulo 2^64.
 
-    Kinds: ``"mul"`` (elementwise, broadcasting), ``"matmul"``, ``"conv2d"`` (params:
+    Kinds: ``"mul"`` (elementwise, broadcasting), ``"matmul"`` (params: empty, or two flags
+    saying which operand to transpose first), ``"conv2d"`` (params:
     stride, padding, dilation, groups), ``"conv_transpose2d"`` (params: stride, padding,
     output_padding, groups, dilation; the input gradient of a convolution) and
     ``"conv2d_weight"`` (``x`` the input, ``y`` the output gradient; params: stride,
@@ -130,6 +131,9 @@ def ring_product(
     if kind == "mul":
         return x * y
     if kind == "matmul":
+        if params:  # lazily transposed operands: (transpose x, transpose y)
+            x = x.t() if params[0] else x
+            y = y.t() if params[1] else y
         return limbs.matmul(x, y)
     if kind == "conv2d":
         stride, padding, dilation, groups = params

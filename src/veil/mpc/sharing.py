@@ -40,19 +40,40 @@ class AdditiveSharingTensor(torch.Tensor):
     the shares.
     """
 
-    shares: list[Any]
     ctx: Context
 
     @staticmethod
-    def __new__(cls, shares: list[Any], ctx: Context) -> AdditiveSharingTensor:
+    def __new__(
+        cls, shares: list[Any], ctx: Context, transposed: bool = False
+    ) -> AdditiveSharingTensor:
         if len(shares) != ctx.n:
             raise ProtocolError(f"{len(shares)} shares for {ctx.n} parties")
-        out = torch.Tensor._make_wrapper_subclass(
-            cls, shares[0].shape, dtype=torch.int64, device="cpu"
-        )
-        out.shares = shares
+        shape = shares[0].shape
+        if transposed:
+            shape = torch.Size((shape[1], shape[0]))
+        out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.int64, device="cpu")
+        out._shares = shares
+        out.transposed = transposed
         out.ctx = ctx
         return out
+
+    @property
+    def shares(self) -> list[Any]:
+        """One share per party (a lazy transposition is applied by the parties first)."""
+        if self.transposed:
+            self._shares = apply_each(self.ctx, "t", [(s,) for s in self._shares])
+            self.transposed = False
+        return self._shares
+
+    @shares.setter
+    def shares(self, value: list[Any]) -> None:
+        self._shares = value
+        self.transposed = False
+
+    @property
+    def raw_shares(self) -> list[Any]:
+        """The shares as stored: transposed when :attr:`transposed` is set (2-D only)."""
+        return self._shares
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -297,7 +318,13 @@ def apply_each(ctx: Context, name: str, argsets: list[tuple[Any, ...]]) -> list[
 
 
 def map_shares(x: AdditiveSharingTensor, name: str, *args: Any) -> AdditiveSharingTensor:
-    """The same local op, with the same public arguments, on every share of ``x``."""
+    """The same local op, with the same public arguments, on every share of ``x``.
+
+    A 2-D transposition is lazy: it only flips a flag, and a matrix product consuming the
+    value transposes inside its own step (no extra command per party).
+    """
+    if name == "t" and x.dim() == 2:
+        return AdditiveSharingTensor(x.raw_shares, x.ctx, not x.transposed)
     return AdditiveSharingTensor(apply_each(x.ctx, name, [(s, *args) for s in x.shares]), x.ctx)
 
 

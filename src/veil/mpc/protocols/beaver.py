@@ -34,8 +34,7 @@ from veil.pointers import remote_function
 def _mask_meta(
     x: torch.Tensor,
     y: torch.Tensor,
-    bundle: torch.Tensor,
-    index: int,
+    row: torch.Tensor,
     kind: str,
     params: tuple[Any, ...],
     trunc: int,
@@ -48,15 +47,13 @@ def _mask_meta(
 def beaver_mask(
     x: torch.Tensor,
     y: torch.Tensor,
-    bundle: torch.Tensor,
-    index: int,
+    row: torch.Tensor,
     kind: str,
     params: tuple[Any, ...],
     trunc: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Party step 2: ``(x_i - a_i, y_i - b_i)`` flattened into one message (kept and sent)."""
     lay = beaver_layout(kind, tuple(x.shape), tuple(y.shape), tuple(params), trunc)
-    row = bundle[index]
     msg = torch.cat(((x - lay.get(row, "a")).reshape(-1), (y - lay.get(row, "b")).reshape(-1)))
     return msg, msg
 
@@ -66,19 +63,19 @@ def beaver_finish(
     i: int,
     msg: torch.Tensor,
     parts: tuple[torch.Tensor, ...],
-    bundle: torch.Tensor,
-    index: int,
+    row: torch.Tensor,
     kind: str,
     sx: tuple[int, ...],
     sy: tuple[int, ...],
     params: tuple[Any, ...],
     trunc: int,
+    addend: torch.Tensor | None = None,
 ) -> Any:
-    """Party step 3: this party's share of ``op(x, y)``; with ``trunc``, the masked
-    ``z_i + r_i`` to open for truncation instead (returned twice: kept and sent)."""
+    """Party step 3: this party's share of ``op(x, y)`` (plus its share of ``addend``);
+    with ``trunc``, the masked ``z_i + r_i`` to open for truncation instead (returned
+    twice: kept and sent)."""
     sx, sy, params = tuple(sx), tuple(sy), tuple(params)
     lay = beaver_layout(kind, sx, sy, params, trunc)
-    row = bundle[index]
     both = opened(msg, parts)
     nx = 1
     for s in sx:
@@ -91,7 +88,7 @@ def beaver_finish(
     else:
         z = c + ring_product(kind, eps, b, params) + ring_product(kind, a, delta, params)
     if not trunc:
-        return z
+        return z if addend is None else z + addend
     masked = z + lay.get(row, "r")
     if i == 0:
         masked = masked + truncation.offset(trunc)
@@ -105,22 +102,37 @@ def beaver_product(
     kind: str = "mul",
     params: tuple[Any, ...] = (),
     trunc: int = 0,
+    add: list[Any] | None = None,
 ) -> list[Any]:
-    """Shares of ``op(x, y)`` (then ``>> trunc`` if ``trunc > 0``) from shares of x and y."""
+    """Shares of ``op(x, y)`` (then ``>> trunc`` if ``trunc > 0``) from shares of x and y,
+    plus ``add[i]`` on party ``i`` if given."""
     sx, sy = tuple(xs[0].shape), tuple(ys[0].shape)
     lay = beaver_layout(kind, sx, sy, params, trunc)
     what = "multiplying two shared values"
-    bundles, index = material(ctx, what, deal_beaver, (kind, sx, sy, params, trunc), lay.total)
+    bundles = material(ctx, what, deal_beaver, (kind, sx, sy, params, trunc), lay.total)
     n = ctx.n
-    msgs = [beaver_mask(xs[i], ys[i], bundles[i], index, kind, params, trunc) for i in range(n)]
+    msgs = [beaver_mask(xs[i], ys[i], bundles[i], kind, params, trunc) for i in range(n)]
     parts = exchange(ctx, [m[1] for m in msgs])
+    add = add or [None] * n
     outs = [
-        beaver_finish(i, msgs[i][0], parts[i], bundles[i], index, kind, sx, sy, params, trunc)
+        beaver_finish(
+            i,
+            msgs[i][0],
+            parts[i],
+            bundles[i],
+            kind,
+            sx,
+            sy,
+            params,
+            trunc,
+            None if trunc else add[i],
+        )
         for i in range(n)
     ]
     if not trunc:
         return outs
-    return truncation.finish(ctx, [o[0] for o in outs], [o[1] for o in outs], bundles, index, trunc)
+    keep, send = [o[0] for o in outs], [o[1] for o in outs]
+    return truncation.finish(ctx, keep, send, bundles, trunc, add)
 
 
 __all__ = ["beaver_finish", "beaver_mask", "beaver_product"]

@@ -84,7 +84,7 @@ def _and_finish(
 
 
 def _open_meta(
-    i: int, x: torch.Tensor, bundle: torch.Tensor, index: int, relu: bool
+    i: int, x: torch.Tensor, row: torch.Tensor, relu: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(x.numel() * (2 if relu else 1), dtype=torch.int64, device="meta")
     return out, out
@@ -92,12 +92,11 @@ def _open_meta(
 
 @remote_function("mpc.sign_open", meta=_open_meta)
 def sign_open(
-    i: int, x: torch.Tensor, bundle: torch.Tensor, index: int, relu: bool
+    i: int, x: torch.Tensor, row: torch.Tensor, relu: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1: ``x_i + r_i`` (party 0 adds 2^62), and ``x_i - alpha_i`` for ReLU."""
     n = x.numel()
     lay = sign_layout(n, relu)
-    row = bundle[index]
     flat = x.reshape(-1)
     masked = flat + lay.get(row, "r")
     if i == 0:
@@ -112,8 +111,7 @@ def sign_tree_start(
     i: int,
     msg: torch.Tensor,
     parts: tuple[torch.Tensor, ...],
-    bundle: torch.Tensor,
-    index: int,
+    row: torch.Tensor,
     numel: int,
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,7 +121,6 @@ def sign_tree_start(
     AND message (kept and sent).
     """
     lay = sign_layout(numel, relu)
-    row = bundle[index]
     public = opened(msg, parts)
     c = public[:numel]
     cb = ~(c & _LOW62)  # NOT c'; lanes 62 and 63 are 1, where r' is 0: "equal"
@@ -147,14 +144,12 @@ def sign_tree_level(
     state: torch.Tensor,
     msg: torch.Tensor,
     parts: tuple[torch.Tensor, ...],
-    bundle: torch.Tensor,
-    index: int,
+    row: torch.Tensor,
     numel: int,
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 3..: finish the AND of ``level - 1`` and mask the AND of ``level``."""
     lay = sign_layout(numel, relu)
-    row = bundle[index]
     z = _and_finish(i, lay, row, level - 1, msg, parts)
     g = state ^ z[0]
     p = z[1]
@@ -168,14 +163,12 @@ def sign_to_arith(
     state: torch.Tensor,
     msg: torch.Tensor,
     parts: tuple[torch.Tensor, ...],
-    bundle: torch.Tensor,
-    index: int,
+    row: torch.Tensor,
     numel: int,
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Finish the last AND; send lane 0 of ``b ^ rho`` (the other lanes are never sent)."""
     lay = sign_layout(numel, relu)
-    row = bundle[index]
     z = _and_finish(i, lay, row, AND_LEVELS, msg, parts)
     out = (state ^ z[0] ^ lay.get(row, "rho_x")) & 1
     return out, out
@@ -188,14 +181,12 @@ def sign_finish(
     public: torch.Tensor,
     msg: torch.Tensor,
     parts: tuple[torch.Tensor, ...],
-    bundle: torch.Tensor,
-    index: int,
+    row: torch.Tensor,
     relu: bool,
 ) -> Any:
     """Last step: shares of ``[x >= 0]`` (and of ``relu(x)``), shaped like ``x``."""
     numel = x.numel()
     lay = sign_layout(numel, relu)
-    row = bundle[index]
     e = opened(msg, parts, xor=True) & 1
     c = public[:numel]
     big_c = (c >> 62) & 3
@@ -224,32 +215,28 @@ def sign(ctx: Context, xs: list[Any], relu: bool = False) -> Any:
         numel *= s
     lay = sign_layout(numel, relu)
     what = "a comparison" if not relu else "relu"
-    bundles, index = material(ctx, what, deal_sign, (numel, relu), lay.total)
-    msgs = [sign_open(i, xs[i], bundles[i], index, relu) for i in range(n)]
+    bundles = material(ctx, what, deal_sign, (numel, relu), lay.total)
+    msgs = [sign_open(i, xs[i], bundles[i], relu) for i in range(n)]
     parts = exchange(ctx, [m[1] for m in msgs])
-    steps = [
-        sign_tree_start(i, msgs[i][0], parts[i], bundles[i], index, numel, relu) for i in range(n)
-    ]
+    steps = [sign_tree_start(i, msgs[i][0], parts[i], bundles[i], numel, relu) for i in range(n)]
     public = [s[0] for s in steps]
     state = [s[1] for s in steps]
     keep = [s[2] for s in steps]
     parts = exchange(ctx, [s[3] for s in steps], xor=True)
     for level in range(2, AND_LEVELS + 1):
         steps = [
-            sign_tree_level(i, level, state[i], keep[i], parts[i], bundles[i], index, numel, relu)
+            sign_tree_level(i, level, state[i], keep[i], parts[i], bundles[i], numel, relu)
             for i in range(n)
         ]
         state = [s[0] for s in steps]
         keep = [s[1] for s in steps]
         parts = exchange(ctx, [s[2] for s in steps], xor=True)
     steps = [
-        sign_to_arith(i, state[i], keep[i], parts[i], bundles[i], index, numel, relu)
-        for i in range(n)
+        sign_to_arith(i, state[i], keep[i], parts[i], bundles[i], numel, relu) for i in range(n)
     ]
     parts = exchange(ctx, [s[1] for s in steps], xor=True)
     outs = [
-        sign_finish(i, xs[i], public[i], steps[i][0], parts[i], bundles[i], index, relu)
-        for i in range(n)
+        sign_finish(i, xs[i], public[i], steps[i][0], parts[i], bundles[i], relu) for i in range(n)
     ]
     if not relu:
         return outs

@@ -56,7 +56,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _mask_meta(
-    i: int, x: torch.Tensor, scale: int, bundle: torch.Tensor, index: int, bits: int
+    i: int, x: torch.Tensor, scale: int, row: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(x.shape, dtype=torch.int64, device="meta")
     return out, out
@@ -64,11 +64,10 @@ def _mask_meta(
 
 @remote_function("mpc.trunc_mask", meta=_mask_meta)
 def trunc_mask(
-    i: int, x: torch.Tensor, scale: int, bundle: torch.Tensor, index: int, bits: int
+    i: int, x: torch.Tensor, scale: int, row: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Party step: ``x_i * scale + r_i`` (plus the offset on party 0), kept and sent."""
     m = x.numel()
-    row = bundle[index]
     r = row[row.shape[0] - 3 * m : row.shape[0] - 2 * m].view(x.shape)
     msg = (x * scale if scale != 1 else x) + r
     if i == 0:
@@ -81,17 +80,17 @@ def trunc_finish(
     i: int,
     msg: torch.Tensor,
     parts: tuple[torch.Tensor, ...],
-    bundle: torch.Tensor,
-    index: int,
+    row: torch.Tensor,
     bits: int,
+    addend: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Party step: this party's share of ``floor(z / 2^bits)`` from the opened ``c``.
+    """Party step: this party's share of ``floor(z / 2^bits)`` from the opened ``c``, plus
+    its share of ``addend`` if given (fusing a following addition into this step).
 
     The truncation pair is the last three pieces of the bundle row (``r``, ``r_hi``, ``msb``).
     """
     c = opened(msg, parts)
     m = c.numel()
-    row = bundle[index]
     end = row.shape[0]
     r_hi = row[end - 2 * m : end - m].view(c.shape)
     msb = row[end - m :].view(c.shape)
@@ -99,24 +98,35 @@ def trunc_finish(
     out = wrapped * wrap(1 << (64 - bits)) - r_hi
     if i == 0:
         out = out + (((c >> bits) & wrap((1 << (64 - bits)) - 1)) - (1 << (OFFSET_BITS - bits)))
+    if addend is not None:
+        out = out + addend
     return out
 
 
 def finish(
-    ctx: Context, keep: list[Any], send: list[Any], bundles: list[Any], index: int, bits: int
+    ctx: Context,
+    keep: list[Any],
+    send: list[Any],
+    bundles: list[Any],
+    bits: int,
+    add: list[Any] | None = None,
 ) -> list[Any]:
-    """Open ``c`` and compute the truncated shares (the second half of the protocol)."""
+    """Open ``c`` and compute the truncated shares (the second half of the protocol);
+    ``add[i]`` (or None) is added to party ``i``'s result in the same step."""
     parts = exchange(ctx, send)
-    return [trunc_finish(i, keep[i], parts[i], bundles[i], index, bits) for i in range(ctx.n)]
+    add = add or [None] * ctx.n
+    return [trunc_finish(i, keep[i], parts[i], bundles[i], bits, add[i]) for i in range(ctx.n)]
 
 
-def truncate(ctx: Context, shares: list[Any], bits: int, scale: int = 1) -> list[Any]:
+def truncate(
+    ctx: Context, shares: list[Any], bits: int, scale: int = 1, add: list[Any] | None = None
+) -> list[Any]:
     """Shares of ``x * scale / 2^bits`` rounded stochastically (see module doc); one round."""
     shape = tuple(shares[0].shape)
     lay = trunc_layout(shape)
-    bundles, index = material(ctx, "truncation", deal_trunc, (shape, bits), lay.total)
-    msgs = [trunc_mask(i, shares[i], scale, bundles[i], index, bits) for i in range(ctx.n)]
-    return finish(ctx, [m[0] for m in msgs], [m[1] for m in msgs], bundles, index, bits)
+    bundles = material(ctx, "truncation", deal_trunc, (shape, bits), lay.total)
+    msgs = [trunc_mask(i, shares[i], scale, bundles[i], bits) for i in range(ctx.n)]
+    return finish(ctx, [m[0] for m in msgs], [m[1] for m in msgs], bundles, bits, add)
 
 
 __all__ = ["OFFSET_BITS", "finish", "offset", "trunc_finish", "trunc_mask", "truncate"]

@@ -1,0 +1,55 @@
+"""Shared helpers of the SMPC tests: party sets, hypothesis strategies, plaintext oracles."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+import veil
+import veil.mpc
+
+veil.mpc._methods.install()
+
+#: Fractional bits used by the tests (the default).
+F = 16
+ULP = 2.0**-F
+
+
+def local_parties(n: int = 2) -> tuple[tuple[str, ...], str]:
+    """Names of ``n`` simulated parties and a provider (shares are local tensors)."""
+    return tuple(f"p{i}" for i in range(n)), "dealer"
+
+
+def worker_parties(
+    n: int = 2, serialize: bool = False
+) -> tuple[tuple[veil.Worker, ...], veil.Worker]:
+    """``n`` virtual workers and a provider worker."""
+    parties = tuple(veil.VirtualWorker(f"party{i}", serialize=serialize) for i in range(n))
+    return parties, veil.VirtualWorker("provider", serialize=serialize)
+
+
+def shared(x: torch.Tensor, parties: tuple, provider) -> veil.mpc.FixedPrecisionTensor:
+    return x.fix_precision().share(*parties, crypto_provider=provider)
+
+
+def reveal(x: veil.mpc.FixedPrecisionTensor) -> torch.Tensor:
+    return x.get().float_precision().double()
+
+
+def shapes(max_dims: int = 3, max_side: int = 5) -> st.SearchStrategy[tuple[int, ...]]:
+    return st.lists(st.integers(1, max_side), min_size=1, max_size=max_dims).map(tuple)
+
+
+def tensors(shape: tuple[int, ...], bound: float = 100.0) -> st.SearchStrategy[torch.Tensor]:
+    """Float tensors of ``shape`` whose values are exact multiples of 2^-16 in [-bound, bound]."""
+    n = 1
+    for s in shape:
+        n *= s
+    limit = int(bound * 2**F)
+    return st.lists(st.integers(-limit, limit), min_size=n, max_size=n).map(
+        lambda v: (torch.tensor(v, dtype=torch.float64) / 2**F).reshape(shape).float()
+    )
+
+
+def shaped_tensors(max_dims: int = 3, max_side: int = 5, bound: float = 100.0):
+    return shapes(max_dims, max_side).flatmap(lambda s: tensors(s, bound))

@@ -1,0 +1,190 @@
+"""Linear operations on fixed-precision tensors, public and shared, against plaintext."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import veil
+import veil.mpc
+from tests.mpc.helpers import (
+    ULP,
+    local_parties,
+    reveal,
+    shaped_tensors,
+    shared,
+    tensors,
+    worker_parties,
+)
+from veil.mpc import FixedPrecisionTensor
+
+PARTIES, PROVIDER = local_parties(2)
+WORKERS = worker_parties(2)
+
+
+def both(x: torch.Tensor):
+    """The same values as a public fixed-point tensor and a shared one."""
+    return [x.fix_precision(), shared(x, PARTIES, PROVIDER)]
+
+
+def value(t) -> torch.Tensor:
+    return (t.get() if t.is_shared else t).float_precision().double()
+
+
+@settings(max_examples=25)
+@given(shaped_tensors(), st.floats(-50, 50))
+def test_add_sub_neg_and_public_operands(x, c):
+    y = torch.flip(x, [0])
+    for a, b in zip(both(x), both(y)):
+        assert torch.allclose(value(a + b), (x + y).double(), atol=0)
+        assert torch.allclose(value(a - b), (x - y).double(), atol=0)
+        assert torch.allclose(value(-a), -x.double(), atol=0)
+        assert torch.allclose(value(a + y), (x + y).double(), atol=0)
+        assert torch.allclose(value(y - a), (y - x).double(), atol=0)
+        assert torch.allclose(value(a + c), x.double() + c, atol=ULP)
+        assert torch.allclose(value(c - a), c - x.double(), atol=ULP)
+
+
+@settings(max_examples=20)
+@given(shaped_tensors(bound=30.0))
+def test_mul_square_pow(x):
+    y = torch.roll(x, 1, 0)
+    ref = x.double() * y.double()
+    for a, b in zip(both(x), both(y)):
+        assert torch.allclose(value(a * b), ref, atol=2 * ULP)
+        assert torch.allclose(value(a * y), ref, atol=2 * ULP)
+        assert torch.allclose(value(a * 3), 3 * x.double(), atol=0)
+        assert torch.allclose(value(a.square()), x.double() ** 2, atol=2 * ULP)
+        assert torch.allclose(value(a * a), x.double() ** 2, atol=2 * ULP)
+    small = x / 8
+    for a in both(small):
+        assert torch.allclose(value(a**3), small.double() ** 3, atol=8 * ULP, rtol=1e-4)
+        assert torch.allclose(value(a**0), torch.ones_like(small.double()))
+
+
+@settings(max_examples=20)
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(1, 5), st.data())
+def test_matmul_mm_addmm(m, k, n, data):
+    x = data.draw(tensors((m, k), 20.0))
+    w = data.draw(tensors((k, n), 20.0))
+    b = data.draw(tensors((n,), 20.0))
+    ref = x.double() @ w.double()
+    tol = (k + 2) * ULP
+    for a, ww, bb in zip(both(x), both(w), both(b)):
+        assert torch.allclose(value(a @ ww), ref, atol=tol)
+        assert torch.allclose(value(torch.mm(a, ww)), ref, atol=tol)
+        assert torch.allclose(value(torch.addmm(bb, a, ww)), ref + b.double(), atol=tol)
+        assert torch.allclose(value(a @ w), ref, atol=tol)
+        assert torch.allclose(value(ww.t() @ a.t()), ref.t(), atol=tol)
+
+
+@settings(max_examples=20)
+@given(shaped_tensors(bound=1000.0), st.data())
+def test_sum_mean_over_dims(x, data):
+    dim = data.draw(st.integers(0, x.dim() - 1))
+    keep = data.draw(st.booleans())
+    for a in both(x):
+        assert torch.allclose(value(a.sum()), x.double().sum(), atol=0)
+        assert torch.allclose(value(a.sum(dim, keepdim=keep)), x.double().sum(dim, keepdim=keep))
+        mean = x.double().mean(dim, keepdim=keep)
+        assert torch.allclose(value(a.mean(dim, keepdim=keep)), mean, atol=2 * ULP, rtol=1e-6)
+        assert torch.allclose(value(a.mean()), x.double().mean(), atol=2 * ULP, rtol=1e-6)
+
+
+@settings(max_examples=20)
+@given(shaped_tensors(bound=1000.0), st.floats(0.01, 100) | st.integers(1, 1000))
+def test_division_by_public_scalar(x, d):
+    for a in both(x):
+        got = value(a / d)
+        exact = x.double() / d
+        assert torch.allclose(got, exact, atol=2 * ULP, rtol=2**-22)
+
+
+@settings(max_examples=20)
+@given(st.integers(2, 4), st.integers(1, 4), st.data())
+def test_views_and_indexing(m, n, data):
+    x = data.draw(tensors((m, n)))
+    d = x.double()
+    for a in both(x):
+        assert torch.equal(value(a.t()), d.t())
+        assert torch.equal(value(a.transpose(0, 1)), d.transpose(0, 1))
+        assert torch.equal(value(a.view(-1)), d.view(-1))
+        assert torch.equal(value(a.reshape(n, m)), d.reshape(n, m))
+        assert torch.equal(value(a.unsqueeze(0).expand(3, m, n)), d.unsqueeze(0).expand(3, m, n))
+        assert torch.equal(value(a[1]), d[1])
+        assert torch.equal(value(a[:, -1]), d[:, -1])
+        assert torch.equal(value(a[1:, ::2]), d[1:, ::2])
+        assert torch.equal(value(a[torch.tensor([0, m - 1])]), d[torch.tensor([0, m - 1])])
+        assert torch.equal(value(torch.cat([a, a], 1)), torch.cat([d, d], 1))
+        assert torch.equal(value(torch.stack([a, a])), torch.stack([d, d]))
+        assert torch.equal(value(torch.cat([a, x], 0)), torch.cat([d, d], 0))
+        assert torch.equal(value(a.permute(1, 0)), d.permute(1, 0))
+        assert torch.equal(value(a.flip(0)), d.flip(0))
+        parts = a.split(1, 0)
+        assert torch.equal(value(parts[-1]), d[-1:])
+
+
+def test_in_place_ops_update_the_wrapper():
+    for a in both(torch.tensor([1.0, 2.0])):
+        a.add_(torch.tensor([1.0, 1.0]).fix_precision())
+        a.mul_(2)
+        a.sub_(1.0)
+        assert value(a).tolist() == [3.0, 5.0]
+        a.add_(a, alpha=-0.5)
+        assert torch.allclose(value(a), torch.tensor([1.5, 2.5], dtype=torch.float64), atol=ULP)
+
+
+def test_shared_over_workers_matches_local():
+    x = torch.tensor([[1.5, -2.25], [0.125, 4.0]])
+    parties, provider = WORKERS
+    a = shared(x, parties, provider)
+    got = reveal((a @ a.t() + a * 2.0 - a.sum(0)) / 3)
+    ref = (x @ x.t() + x * 2.0 - x.sum(0)) / 3
+    assert torch.allclose(got, ref.double(), atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_more_parties(n):
+    parties, provider = local_parties(n)
+    x = torch.tensor([[1.5, -2.25], [0.125, 4.0]])
+    a = shared(x, parties, provider)
+    assert torch.allclose(reveal(a @ a * 0.5), (x @ x * 0.5).double(), atol=1e-4)
+
+
+def test_plain_overflow_is_detected():
+    big = torch.tensor([2.0**20]).fix_precision()
+    with pytest.raises(veil.PrecisionOverflow):
+        big * big
+
+
+def test_float_precision_requires_get_and_errors():
+    s = shared(torch.tensor([1.0]), PARTIES, PROVIDER)
+    with pytest.raises(veil.ProtocolError, match="get"):
+        s.float_precision()
+    with pytest.raises(veil.ProtocolError):
+        torch.tensor([1.0]).float_precision()
+    with pytest.raises(veil.ProtocolError):
+        s.fix_precision()
+    assert isinstance(s, FixedPrecisionTensor) and s.dtype == torch.float32
+
+
+def test_unsupported_op_names_itself():
+    a = torch.tensor([1.0, 2.0]).fix_precision()
+    with pytest.raises(NotImplementedError, match=r"aten\.cumsum"):
+        torch.cumsum(a, 0)
+    s = torch.tensor([1, 2]).share("a", "b", crypto_provider="c")
+    with pytest.raises(NotImplementedError, match="AdditiveSharingTensor"):
+        torch.cumsum(s, 0)
+
+
+def test_integer_shares_arithmetic():
+    x = torch.tensor([[3, -4], [5, 6]])
+    s = x.share("a", "b", crypto_provider="c")
+    assert torch.equal((s * s + 1 - s).get(), x * x + 1 - x)
+    assert torch.equal((s @ s).get(), x @ x)
+    assert torch.equal((s**3).get(), x**3)
+    assert torch.equal(s.sum().get(), x.sum())
+    assert torch.equal((s > 0).get(), (x > 0).long())
+    assert torch.equal(torch.relu(s).get(), torch.relu(x))

@@ -1,0 +1,159 @@
+"""Comparisons, ReLU, max/argmax, pooling and the approximations, with their error bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import veil.mpc
+from tests.mpc.helpers import ULP, local_parties, reveal, shaped_tensors, shared, worker_parties
+from veil.mpc import approximations as A
+
+PARTIES, PROVIDER = local_parties(2)
+
+
+def sh(x: torch.Tensor):
+    return shared(x, PARTIES, PROVIDER)
+
+
+@settings(max_examples=20)
+@given(shaped_tensors(bound=1e6))
+def test_comparisons_are_exact(x):
+    y = torch.roll(x, 1, 0)
+    y.view(-1)[0] = x.view(-1)[0]  # at least one tie
+    a, b = sh(x), sh(y)
+    for op in ("gt", "lt", "ge", "le", "eq", "ne"):
+        got = getattr(torch, op)(a, b).get().float_precision()
+        assert got.dtype == torch.bool
+        assert torch.equal(got, getattr(torch, op)(x, y)), op
+    assert torch.equal((a > 0.5).get().float_precision(), x > 0.5)
+    assert torch.equal((a <= y).get().float_precision(), x <= y)
+
+
+@settings(max_examples=20)
+@given(shaped_tensors(bound=1e6))
+def test_relu_abs_sign_max_min_where(x):
+    a = sh(x)
+    d = x.double()
+    assert torch.equal(reveal(torch.relu(a)), torch.relu(d))
+    assert torch.equal(reveal(F.relu(a)), torch.relu(d))
+    assert torch.equal(reveal(a.abs()), d.abs())
+    assert torch.equal(reveal(torch.sign(a)), torch.sign(d))
+    y = torch.flip(x, [0])
+    assert torch.equal(reveal(torch.maximum(a, sh(y))), torch.maximum(d, y.double()))
+    assert torch.equal(reveal(torch.minimum(a, sh(y))), torch.minimum(d, y.double()))
+    assert torch.equal(reveal(torch.where(a > 0, a, sh(y))), torch.where(x > 0, d, y.double()))
+    assert torch.equal(reveal(a.clamp(-1.0, 2.0)), d.clamp(-1.0, 2.0))
+
+
+@settings(max_examples=15)
+@given(shaped_tensors(max_side=7, bound=1e4), st.data())
+def test_max_and_argmax_over_a_dim(x, data):
+    dim = data.draw(st.integers(0, x.dim() - 1))
+    x = x + torch.arange(x.numel()).reshape(x.shape) * 1e-3  # distinct values: unique argmax
+    a = sh(x)
+    values, indices = torch.max(a, dim)
+    ref_v, ref_i = torch.max(x, dim)
+    assert torch.allclose(reveal(values), ref_v.double(), atol=ULP)
+    assert torch.equal(indices.get().float_precision(), ref_i)
+    assert torch.equal(torch.argmax(a, dim).get().float_precision(), torch.argmax(x, dim))
+    assert torch.equal(torch.argmax(a).get().float_precision(), torch.argmax(x))
+    assert torch.allclose(reveal(a.max()), x.max().double(), atol=ULP)
+    assert torch.allclose(
+        reveal(a.amax(dim, keepdim=True)), x.amax(dim, keepdim=True).double(), atol=ULP
+    )
+
+
+@pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 1), (2, 1)])
+def test_max_pool2d(kernel, stride):
+    x = torch.randn(2, 3, 7, 6) * 10
+    got = reveal(F.max_pool2d(sh(x), kernel, stride))
+    assert torch.allclose(got, F.max_pool2d(x, kernel, stride).double(), atol=ULP)
+
+
+def test_avg_pool2d():
+    x = torch.randn(2, 3, 6, 6) * 10
+    got = reveal(F.avg_pool2d(sh(x), 2))
+    assert torch.allclose(got, F.avg_pool2d(x, 2).double(), atol=2 * ULP)
+    got = reveal(F.avg_pool2d(sh(x), 3, 1, 1))
+    assert torch.allclose(got, F.avg_pool2d(x, 3, 1, 1).double(), atol=2 * ULP)
+
+
+# Each approximation: (function, reference, domain, error metric, bound), as stated in the
+# docstrings of veil.mpc.approximations.
+def _abs(got, ref):
+    return (got - ref).abs()
+
+
+def _rel_or_abs(scale):
+    def err(got, ref):
+        return (got - ref).abs() / torch.clamp(ref.abs(), min=scale)
+
+    return err
+
+
+APPROX = {
+    "exp": (A.exp, torch.exp, (-20.0, 20.0), _rel_or_abs(1.0), 2e-4),
+    "exp_low": (A.exp, torch.exp, (-384.0, -20.0), _abs, 3e-5),
+    "sigmoid": (A.sigmoid, torch.sigmoid, (-384.0, 384.0), _abs, 1e-4),
+    "tanh": (A.tanh, torch.tanh, (-192.0, 192.0), _abs, 2e-4),
+    "reciprocal": (
+        lambda t: A.reciprocal(t, positive=True),
+        torch.reciprocal,
+        (0.01, 300.0),
+        _rel_or_abs(0.05),
+        1e-3,
+    ),
+    "reciprocal_neg": (A.reciprocal, torch.reciprocal, (-300.0, -0.01), _rel_or_abs(0.05), 1e-3),
+    "log": (A.log, torch.log, (0.05, 190.0), _abs, 1e-3),
+    "sqrt": (A.sqrt, torch.sqrt, (0.05, 150.0), _rel_or_abs(0.0), 1e-4),
+    "rsqrt": (A.rsqrt, torch.rsqrt, (0.05, 150.0), _rel_or_abs(0.0), 3e-4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(APPROX))
+def test_approximation_error_over_its_domain(name):
+    fn, ref_fn, (lo, hi), metric, bound = APPROX[name]
+    x = torch.cat([torch.linspace(lo, hi, 400), torch.empty(200).uniform_(lo, hi)])
+    got = reveal(fn(sh(x)))
+    ref = ref_fn(x.double())
+    worst = float(metric(got, ref).max())
+    assert worst <= bound, f"{name}: max error {worst:.3g} > {bound}"
+
+
+def test_approximations_via_torch_ops():
+    x = torch.linspace(-5, 5, 50)
+    a = sh(x)
+    assert torch.allclose(reveal(torch.sigmoid(a)), torch.sigmoid(x).double(), atol=1e-4)
+    assert torch.allclose(reveal(torch.tanh(a)), torch.tanh(x).double(), atol=2e-4)
+    assert torch.allclose(reveal(torch.exp(a)), torch.exp(x).double(), rtol=2e-4, atol=1e-4)
+    pos = sh(x.abs() + 0.5)
+    assert torch.allclose(reveal(torch.sqrt(pos)), (x.abs() + 0.5).sqrt().double(), rtol=1e-3)
+    assert torch.allclose(reveal(1 / pos), 1 / (x.abs() + 0.5).double(), rtol=1e-3)
+    assert torch.allclose(reveal(a / pos), x.double() / (x.abs() + 0.5), atol=2e-3)
+    assert torch.allclose(reveal(torch.log(pos)), (x.abs() + 0.5).log().double(), atol=2e-3)
+
+
+def test_softmax_and_log_softmax():
+    x = torch.randn(6, 10) * 4
+    a = sh(x)
+    assert torch.allclose(reveal(torch.softmax(a, 1)), torch.softmax(x, 1).double(), atol=1e-3)
+    assert torch.allclose(reveal(torch.softmax(a, 0)), torch.softmax(x, 0).double(), atol=1e-3)
+    assert torch.allclose(reveal(F.log_softmax(a, 1)), F.log_softmax(x, 1).double(), atol=3e-3)
+
+
+def test_comparison_over_workers_and_three_parties():
+    parties, provider = worker_parties(3)
+    x = torch.tensor([-3.5, 0.0, 2.25, -1e-4])
+    a = shared(x, parties, provider)
+    assert torch.equal(reveal(torch.relu(a)), torch.relu(x).double())
+    assert torch.equal((a >= 0).get().float_precision(), x >= 0)
+
+
+def test_precision_limit_of_approximations():
+    x = torch.tensor([1.0]).fix_precision(30)
+    with pytest.raises(ValueError, match="precision_bits"):
+        veil.mpc.approximations.exp(x)
