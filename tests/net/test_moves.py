@@ -19,7 +19,7 @@ def pair():
     token = new_token()
     procs = []
     try:
-        with ThreadPoolExecutor(3) as pool:
+        with ThreadPoolExecutor(4) as pool:
             procs = list(
                 pool.map(
                     lambda spec: veil.net.spawn_worker(spec[0], token=spec[1], args=spec[2]),
@@ -27,6 +27,7 @@ def pair():
                         ("alice", token, []),
                         ("bob", token, ["--max-bytes", "1M"]),
                         ("eve", new_token(), []),  # a worker with another token
+                        ("carol", token, []),
                     ],
                 )
             )
@@ -39,7 +40,7 @@ def pair():
 
 
 def test_move_goes_worker_to_worker(pair):
-    a, b, _ = pair
+    a, b, _, _ = pair
     with (
         connect(a.url, token=a.token, timeout=10) as alice,
         connect(b.url, token=b.token, timeout=10) as bob,
@@ -61,7 +62,7 @@ def test_move_goes_worker_to_worker(pair):
 
 
 def test_moved_objects_belong_to_the_client_on_the_destination(pair):
-    a, b, _ = pair
+    a, b, _, _ = pair
     alice = connect(a.url, token=a.token, timeout=10)
     with connect(b.url, token=b.token, timeout=10) as observer:
         bob = connect(b.url, token=b.token, timeout=10)
@@ -78,7 +79,7 @@ def test_moved_objects_belong_to_the_client_on_the_destination(pair):
 
 
 def test_a_move_over_the_destination_limit_reports_it(pair):
-    a, b, _ = pair
+    a, b, _, _ = pair
     with (
         connect(a.url, token=a.token, timeout=10) as alice,
         connect(b.url, token=b.token, timeout=10) as bob,
@@ -93,7 +94,7 @@ def test_a_move_over_the_destination_limit_reports_it(pair):
 
 
 def test_a_worker_with_another_token_refuses_the_delivery(pair):
-    a, _, e = pair
+    a, _, e, _ = pair
     with (
         connect(a.url, token=a.token, timeout=10) as alice,
         connect(e.url, token=e.token, timeout=10) as eve,
@@ -106,7 +107,7 @@ def test_a_worker_with_another_token_refuses_the_delivery(pair):
 
 
 def test_moves_to_and_from_in_process_workers_fail_clearly(pair):
-    a, _, _ = pair
+    a, _, _, _ = pair
     with connect(a.url, token=a.token, timeout=10) as alice:
         local = veil.VirtualWorker("local")
         torch.ones(2).send(alice).move(local)
@@ -118,10 +119,40 @@ def test_moves_to_and_from_in_process_workers_fail_clearly(pair):
 
 
 def test_a_move_to_a_departed_client_reports_that_its_session_ended(pair):
-    a, b, _ = pair
+    a, b, _, _ = pair
     with connect(a.url, token=a.token, timeout=10) as alice:
         bob = connect(b.url, token=b.token, timeout=10)
         bob.close()
         torch.ones(2).send(alice).move(bob)
         with pytest.raises(veil.WorkerUnavailable, match=r"session on .* has ended"):
             alice.flush()
+
+
+def test_crossing_moves_each_followed_by_a_use(pair):
+    """alice -> bob and bob -> alice, pipelined, each followed by a use of what came in."""
+    a, b, _, _ = pair
+    with (
+        connect(a.url, token=a.token, timeout=10) as alice,
+        connect(b.url, token=b.token, timeout=10) as bob,
+    ):
+        x_a = torch.tensor([1.0, 2.0]).send(alice)
+        x_b = torch.tensor([10.0, 20.0]).send(bob)
+        to_b = x_a.copy().move(bob)
+        to_a = x_b.copy().move(alice)
+        s_b = to_b + x_b
+        s_a = to_a + x_a
+        assert s_a.get().tolist() == [11.0, 22.0] and s_b.get().tolist() == [11.0, 22.0]
+
+
+def test_secret_sharing_over_network_workers(pair):
+    mpc = pytest.importorskip("veil.mpc")
+    a, b, _, c = pair
+    with (
+        connect(a.url, token=a.token, timeout=30) as alice,
+        connect(b.url, token=b.token, timeout=30) as bob,
+        connect(c.url, token=c.token, timeout=30) as carol,
+    ):
+        x = torch.tensor([0.5, -1.25, 3.0])
+        s = mpc.fix_precision(x).share(alice, bob, crypto_provider=carol)
+        got = (s * s + s).sum().get().float_precision()
+        assert abs(got.item() - (x * x + x).sum().item()) < 1e-3

@@ -204,6 +204,8 @@ class WebSocketWorker(Worker):
     # ------------------------------------------------------------------ transport
 
     def _submit(self, msg: Any) -> None:
+        if self._after:
+            self._sync_sources()
         if self._gc and type(msg) is not DeleteObjects:
             # Remote objects whose pointers died are deleted before what comes next, in the
             # same frame: the worker's memory (and the client's object budget) follows the
@@ -226,8 +228,10 @@ class WebSocketWorker(Worker):
             self._pending_bytes += len(data)
             self.messages += 1
         if type(msg) is MoveObject:
-            # The destination must not use the moved object before this worker has delivered
-            # it: the destination handle flushes this one before its next frame.
+            # Nothing sent to the destination may run before this worker has delivered the
+            # object: the destination flushes this handle before it takes its next message.
+            # (Syncing at the next message, not at the next frame, keeps crossing moves
+            # right: alice -> bob and bob -> alice, each followed by a use of what came in.)
             dest = _HANDLES.get(msg.destination)
             if dest is not None and dest is not self:
                 dest._after.add(self)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -123,10 +125,21 @@ def worker_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Packages whose remote functions a worker must know (they register them on import).
+REMOTE_FUNCTION_PACKAGES = ("veil.fl", "veil.mpc", "veil.dp")
+
+
+def _import_remote_functions() -> None:
+    for name in REMOTE_FUNCTION_PACKAGES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
 def worker_main(argv: list[str]) -> int:
     """Run ``veil worker`` with ``argv``; the exit code."""
     parser = worker_parser()
     args = parser.parse_args(argv)
+    _import_remote_functions()
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format=f"%(asctime)s veil worker {args.name}: %(message)s",
