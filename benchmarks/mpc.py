@@ -1,0 +1,304 @@
+"""SMPC benchmark: veil against plain PyTorch and CrypTen 0.4.1, measured in one run.
+
+(a) Training the paper's Boston MLP (13 -> 32 -> 24 -> 1, ReLU, MSE, SGD lr 0.001) per batch,
+    at batch 8 and 32: plain PyTorch, veil with data and model secret-shared between two
+    in-process VirtualWorkers (a third one is the crypto provider), and CrypTen.
+(b) A 256x256 @ 256x256 product of two shared fixed-point matrices (with truncation).
+(c) ReLU on 100,000 shared values.
+(d) The same with CrypTen 0.4.1, if it is installed: two parties in two processes (its own
+    multiprocess launcher, gloo on loopback, default trusted-first-party provider).
+
+Every timing is a median over repeats, taken after warm-up (veil's dealer pools and shape
+caches filled; the pools' refills stay inside the timed loops). Rounds and bytes are per
+batch or per operation: veil counts openings among parties (rounds), bytes moved between
+parties (online) and bytes dealt by the provider (offline); CrypTen counts its own
+communication (its trusted first party deals nothing). Also printed: the ring matmul paths
+(native int64 versus float64 over limbs).
+
+Run: ``VEIL_DATA_DIR=../shared/data python benchmarks/mpc.py [--repeats 5] [--no-crypten]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import veil
+import veil.mpc
+from veil.mpc import limbs
+
+BATCHES = (8, 32)
+
+
+def paper_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 1)
+    )
+
+
+def train_steps(model: nn.Module, opt: Any, batches: list[tuple[Any, Any]]) -> None:
+    for xb, yb in batches:
+        opt.zero_grad()
+        loss = F.mse_loss(model(xb), yb)
+        loss.backward()
+        opt.step()
+
+
+def median_time(fn: Callable[[], Any], repeats: int, per: int = 1) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) / per)
+    return statistics.median(times)
+
+
+def comm(fn: Callable[[], Any], per: int = 1) -> dict[str, float]:
+    stats = veil.mpc.stats()
+    stats.reset()
+    fn()
+    return {k: v / per for k, v in stats.snapshot().items()}
+
+
+# ---------------------------------------------------------------------- veil
+
+
+def bench_veil(repeats: int) -> dict[str, Any]:
+    data = veil.datasets.boston()
+    alice, bob, carol = (veil.VirtualWorker(n) for n in ("alice", "bob", "carol"))
+    out: dict[str, Any] = {}
+    for bs in BATCHES:
+        n = 40
+        idx = [torch.arange(i * bs, (i + 1) * bs) % data.x_train.shape[0] for i in range(n)]
+        plain_batches = [(data.x_train[i], data.y_train[i]) for i in idx]
+        x = data.x_train.fix_precision().share(alice, bob, crypto_provider=carol)
+        y = data.y_train.fix_precision().share(alice, bob, crypto_provider=carol)
+        secure_batches = [
+            (x[i * bs : (i + 1) * bs], y[i * bs : (i + 1) * bs])
+            for i in range(min(n, data.x_train.shape[0] // bs))
+        ]
+        while len(secure_batches) < n:
+            secure_batches += secure_batches[: n - len(secure_batches)]
+        plain = paper_mlp()
+        plain_opt = torch.optim.SGD(plain.parameters(), lr=0.001)
+        secure = paper_mlp().fix_precision().share(alice, bob, crypto_provider=carol)
+        secure_opt = torch.optim.SGD(secure.parameters(), lr=0.001)
+        train_steps(plain, plain_opt, plain_batches)
+        train_steps(secure, secure_opt, secure_batches * 2)  # warm-up: pools, caches
+        run_plain = functools.partial(train_steps, plain, plain_opt, plain_batches)
+        run_secure = functools.partial(train_steps, secure, secure_opt, secure_batches)
+        tp, ts = [], []
+        for _ in range(repeats):  # interleaved, so that machine noise hits both alike
+            tp.append(median_time(run_plain, 1, n))
+            ts.append(median_time(run_secure, 1, n))
+        out[f"mlp{bs}"] = {
+            "plain": statistics.median(tp),
+            "veil": statistics.median(ts),
+            "comm": comm(run_secure, n),
+        }
+
+    a = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
+    b = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
+    for _ in range(3):
+        a @ b
+    out["matmul"] = {"veil": median_time(lambda: a @ b, repeats), "comm": comm(lambda: a @ b)}
+    v = torch.randn(100_000).fix_precision().share(alice, bob, crypto_provider=carol)
+    for _ in range(2):
+        torch.relu(v)
+    out["relu"] = {
+        "veil": median_time(lambda: torch.relu(v), repeats),
+        "comm": comm(lambda: torch.relu(v)),
+    }
+
+    ia = torch.randint(-(2**62), 2**62, (256, 256))
+    ib = torch.randint(-(2**62), 2**62, (256, 256))
+    out["ring"] = {
+        "int64": median_time(lambda: torch.matmul(ia, ib), repeats),
+        "limbs": median_time(lambda: limbs.limb_matmul(ia, ib), repeats),
+        "float64": median_time(lambda: ia.double() @ ib.double(), repeats),
+    }
+    return out
+
+
+# ---------------------------------------------------------------------- CrypTen
+
+
+def _import_crypten() -> Any:
+    """Import CrypTen 0.4.1 on torch 2.13 (its ONNX converter imports a module torch no longer
+    has; an empty stand-in is enough for everything benchmarked here)."""
+    name = "torch.onnx._internal.registration"
+    if name not in sys.modules:
+        try:
+            __import__(name)
+        except ImportError:
+            stub = types.ModuleType(name)
+            stub.registry = None  # type: ignore[attr-defined]
+            sys.modules[name] = stub
+    import crypten
+
+    return crypten
+
+
+def _crypten_party(repeats: int) -> dict[str, Any]:
+    crypten = _import_crypten()
+    import crypten.communicator as comm_mod
+    import crypten.nn as cnn
+
+    torch.set_num_threads(1)
+    rank = comm_mod.get().get_rank()
+    data = veil.datasets.boston()
+    results: dict[str, Any] = {}
+
+    def counted(fn: Callable[[], Any], per: int = 1) -> dict[str, float]:
+        c = comm_mod.get()
+        crypten.cfg.communicator.verbose = True
+        c.reset_communication_stats()
+        fn()
+        stats = c.get_communication_stats()
+        crypten.cfg.communicator.verbose = False
+        return {"rounds": stats["rounds"] / per, "online_bytes": stats["bytes"] / per}
+
+    for bs in BATCHES:
+        n = 10
+        xs = [crypten.cryptensor(data.x_train[i * bs : (i + 1) * bs]) for i in range(n)]
+        ys = [crypten.cryptensor(data.y_train[i * bs : (i + 1) * bs]) for i in range(n)]
+        model = cnn.Sequential(
+            cnn.Linear(13, 32), cnn.ReLU(), cnn.Linear(32, 24), cnn.ReLU(), cnn.Linear(24, 1)
+        )
+        model.encrypt()
+        model.train()
+        loss_fn = cnn.MSELoss()
+
+        def steps(model=model, xs=xs, ys=ys, loss_fn=loss_fn) -> None:
+            for xb, yb in zip(xs, ys):
+                model.zero_grad()
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                model.update_parameters(0.001)
+
+        steps()
+        results[f"mlp{bs}"] = {"time": median_time(steps, repeats, n), "comm": counted(steps, n)}
+
+    a = crypten.cryptensor(torch.randn(256, 256))
+    b = crypten.cryptensor(torch.randn(256, 256))
+    a.matmul(b)
+    results["matmul"] = {
+        "time": median_time(lambda: a.matmul(b), repeats),
+        "comm": counted(lambda: a.matmul(b)),
+    }
+    v = crypten.cryptensor(torch.randn(100_000))
+    v.relu()
+    results["relu"] = {
+        "time": median_time(lambda: v.relu(), repeats),
+        "comm": counted(lambda: v.relu()),
+    }
+    return results if rank == 0 else {}
+
+
+def bench_crypten(repeats: int) -> dict[str, Any] | None:
+    try:
+        crypten = _import_crypten()
+    except ImportError:
+        return None
+    from crypten.mpc import context
+
+    version = getattr(crypten, "__version__", "?")
+    runner = context.run_multiprocess(world_size=2)(_crypten_party)
+    results = runner(repeats)
+    if not results:
+        return None
+    out = results[0]
+    out["version"] = version
+    return out
+
+
+# ---------------------------------------------------------------------- report
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1024:
+            return f"{b:.0f} {unit}"
+        b /= 1024
+    return f"{b:.1f} TB"
+
+
+def report(v: dict[str, Any], c: dict[str, Any] | None) -> None:
+    print(
+        "veil: parties are in-process VirtualWorkers (2 parties + a crypto provider); "
+        "timings are medians"
+    )
+    if c:
+        print(f"CrypTen {c['version']}: 2 processes (gloo on loopback, trusted first party)")
+    print()
+    print(
+        f"{'task':<26}{'plain':>10}{'veil':>11}{'veil/plain':>12}"
+        f"{'CrypTen':>11}{'CrypTen/veil':>14}"
+    )
+    for bs in BATCHES:
+        r = v[f"mlp{bs}"]
+        ct = c[f"mlp{bs}"]["time"] if c else None
+        label = f"MLP train, batch {bs}"
+        print(
+            f"{label:<26}{r['plain'] * 1e3:>8.3f}ms{r['veil'] * 1e3:>9.2f}ms"
+            f"{r['veil'] / r['plain']:>11.1f}x"
+            + (f"{ct * 1e3:>9.1f}ms{ct / r['veil']:>13.1f}x" if c else "")
+        )
+    for key, label in (("matmul", "matmul 256x256x256"), ("relu", "ReLU 100,000")):
+        r = v[key]
+        ct = c[key]["time"] if c else None
+        print(
+            f"{label:<26}{'':>10}{r['veil'] * 1e3:>9.2f}ms{'':>12}"
+            + (f"{ct * 1e3:>9.1f}ms{ct / r['veil']:>13.1f}x" if c else "")
+        )
+    print()
+    print(
+        f"{'communication':<26}{'veil rounds':>12}{'online':>11}{'offline':>11}"
+        f"{'CrypTen rounds':>16}{'bytes':>11}"
+    )
+    for key, label in [(f"mlp{bs}", f"MLP batch {bs} (per batch)") for bs in BATCHES] + [
+        ("matmul", "matmul 256"),
+        ("relu", "ReLU 100,000"),
+    ]:
+        m = v[key]["comm"]
+        line = (
+            f"{label:<26}{m['rounds']:>12.0f}{_fmt_bytes(m['online_bytes']):>11}"
+            f"{_fmt_bytes(m['offline_bytes']):>11}"
+        )
+        if c:
+            cm = c[key]["comm"]
+            line += f"{cm['rounds']:>16.0f}{_fmt_bytes(cm['online_bytes']):>11}"
+        print(line)
+    ring = v["ring"]
+    print()
+    print(
+        f"ring matmul 256^3 (exact mod 2^64): int64 {ring['int64'] * 1e3:.2f} ms, float64 "
+        f"limbs {ring['limbs'] * 1e3:.2f} ms, one float64 GEMM {ring['float64'] * 1e3:.2f} ms "
+        f"-> veil uses {limbs.BACKEND}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-crypten", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    crypten_results = None if args.no_crypten else bench_crypten(args.repeats)
+    veil_results = bench_veil(args.repeats)
+    report(veil_results, crypten_results)
+
+
+if __name__ == "__main__":
+    main()
