@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -125,14 +123,11 @@ def worker_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: Packages whose remote functions a worker must know (they register them on import).
-REMOTE_FUNCTION_PACKAGES = ("veil.fl", "veil.mpc", "veil.dp")
-
-
 def _import_remote_functions() -> None:
-    for name in REMOTE_FUNCTION_PACKAGES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+    """Import the packages whose remote functions a worker must know (they register them)."""
+    import veil.dp
+    import veil.fl
+    import veil.mpc  # noqa: F401
 
 
 def worker_main(argv: list[str]) -> int:
