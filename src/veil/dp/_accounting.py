@@ -287,24 +287,45 @@ class PrivacyAccountant:
         return allowed
 
     def _search_steps(self, max_epsilon: float, delta: float, sigma: float, q: float) -> int:
-        def fits(k: int) -> bool:
-            return self.epsilon_after(delta, sigma, q, k) <= max_epsilon
+        """The largest k with eps(history + k steps) <= max_epsilon.
 
-        if not fits(0):
+        epsilon grows smoothly with k, so after bracketing the boundary the search
+        interpolates (falling back to bisection), a handful of queries even for PLD; for PLD
+        the bracket starts from RDP's answer, which is cheap and typically a little smaller.
+        """
+
+        def eps(k: int) -> float:
+            return self.epsilon_after(delta, sigma, q, k)
+
+        if sigma == 0.0 or eps(1) > max_epsilon:
             return 0
-        if sigma == 0.0 or not fits(1):
-            return 0
-        lo, hi = 1, 2  # fits(lo) holds; find hi with not fits(hi)
-        while fits(hi):
-            lo, hi = hi, hi * 2
+        lo, e_lo = 1, eps(1)
+        guess = 2
+        if self.mechanism == "pld":
+            rdp = PrivacyAccountant("rdp")
+            rdp._history = [list(run) for run in self._history]
+            guess = max(2, rdp._search_steps(max_epsilon, delta, sigma, q))
+        hi, e_hi = guess, eps(guess)
+        while e_hi <= max_epsilon:  # gallop up until the boundary is bracketed
+            lo, e_lo = hi, e_hi
+            hi = max(hi + 1, int(hi * 1.25) + 1) if self.mechanism == "pld" else hi * 2
             if hi > 1 << 40:
                 return lo
+            e_hi = eps(hi)
+        bisect = False
         while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits(mid):
-                lo = mid
+            if bisect or not math.isfinite(e_hi):
+                mid = (lo + hi) // 2
+            else:  # linear interpolation of eps(k) between the ends
+                frac = (max_epsilon - e_lo) / (e_hi - e_lo) if e_hi > e_lo else 0.5
+                mid = min(hi - 1, max(lo + 1, lo + round(frac * (hi - lo))))
+            e_mid = eps(mid)
+            shrink = hi - lo
+            if e_mid <= max_epsilon:
+                lo, e_lo = mid, e_mid
             else:
-                hi = mid
+                hi, e_hi = mid, e_mid
+            bisect = (hi - lo) > shrink // 2  # alternate when interpolation stalls
         return lo
 
     def state_dict(self) -> dict[str, Any]:
