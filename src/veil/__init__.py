@@ -1,6 +1,6 @@
 """veil: privacy-preserving deep learning on PyTorch."""
 
-from veil import datasets, fl, net
+from veil import datasets, dp, fl, mpc, net
 from veil._errors import (
     AuthenticationError,
     CommandNotAllowed,
@@ -48,9 +48,11 @@ __all__ = [
     "call",
     "connect",
     "datasets",
+    "dp",
     "fl",
     "get",
     "move",
+    "mpc",
     "net",
     "remote_function",
     "send",

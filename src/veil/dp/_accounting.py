@@ -18,11 +18,8 @@ import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from types import ModuleType
 from typing import Any, Literal
-
-import dp_accounting
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
 
 from veil.dp._checks import (
     check_count,
@@ -53,10 +50,20 @@ class _QuietFractionalOrders(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietFractionalOrders())
 
 
-def _event(sigma: float, q: float, count: int) -> dp_accounting.DpEvent:
-    return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count
-    )
+@functools.cache
+def _lib() -> ModuleType:
+    """dp-accounting, imported on first use: it pulls in scipy (about 1 s), which
+    ``import veil`` and every ``veil worker`` would otherwise pay without accounting."""
+    import dp_accounting
+    import dp_accounting.pld
+    import dp_accounting.rdp
+
+    return dp_accounting
+
+
+def _event(sigma: float, q: float, count: int) -> Any:
+    lib = _lib()
+    return lib.SelfComposedDpEvent(lib.PoissonSampledDpEvent(q, lib.GaussianDpEvent(sigma)), count)
 
 
 @functools.lru_cache(maxsize=512)
@@ -67,7 +74,7 @@ def _rdp_of_step(sigma: float, q: float) -> tuple[Any, Any] | None:
     once per (sigma, q) makes budget searches and calibration cheap (the fractional orders
     cost dp-accounting about 0.1 s per event). The vector comes from dp-accounting itself.
     """
-    acc = RdpAccountant()
+    acc = _lib().rdp.RdpAccountant()
     acc.compose(_event(sigma, q, 1))
     orders, rdp = getattr(acc, "_orders", None), getattr(acc, "_rdp", None)
     if orders is None or rdp is None:
@@ -86,8 +93,10 @@ def _epsilon(history: Iterable[tuple[float, float, int]], delta: float, mechanis
         if all(step is not None for step in steps):
             orders = steps[0][0]  # type: ignore[index]
             total = sum(n * step[1] for (_, _, n), step in zip(events, steps))  # type: ignore[index]
-            return float(rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
-    acc: Any = RdpAccountant() if mechanism == "rdp" else PLDAccountant()
+            rdp_lib = _lib().rdp.rdp_privacy_accountant
+            return float(rdp_lib.compute_epsilon(orders, total, delta)[0])
+    lib = _lib()
+    acc: Any = lib.rdp.RdpAccountant() if mechanism == "rdp" else lib.pld.PLDAccountant()
     for sigma, q, count in events:
         acc.compose(_event(sigma, q, count))
     return float(acc.get_epsilon(delta))
