@@ -76,6 +76,17 @@ def _check_parties(n: int, count: int) -> None:
         raise ProtocolError(f"bundle count must be a positive int, got {count!r}")
 
 
+def split_values(values: torch.Tensor, arith_len: int, n: int) -> tuple[torch.Tensor, ...]:
+    """Split ``(count, L)`` dealer values into ``n`` bundles, in place: parties ``0..n-2`` get
+    uniformly random bundles, the last one ``values - sum`` (columns before ``arith_len``)
+    or ``values ^ xor`` (the others) of them, written over ``values``."""
+    rand = random_int64((n - 1, *values.shape))
+    for j in range(n - 1):
+        values[:, :arith_len] -= rand[j, :, :arith_len]
+        values[:, arith_len:] ^= rand[j, :, arith_len:]
+    return (*rand.unbind(0), values)
+
+
 def split_bundles(
     arith: list[torch.Tensor], xor: list[torch.Tensor], n: int
 ) -> tuple[torch.Tensor, ...]:
@@ -83,22 +94,16 @@ def split_bundles(
 
     ``arith[k]`` and ``xor[k]`` are item ``k``'s arithmetic and XOR values, flattened.
     """
-    va = torch.stack(arith) if arith and arith[0].numel() else None
-    vx = torch.stack(xor) if xor and xor[0].numel() else None
     count = len(arith) if arith else len(xor)
-    la = 0 if va is None else va.shape[1]
-    lx = 0 if vx is None else vx.shape[1]
-    rand = random_int64((n - 1, count, la + lx))
-    parts = []
-    if va is not None:
-        parts.append(va - rand[:, :, :la].sum(0))
-    if vx is not None:
-        last_x = vx.clone()
-        for j in range(n - 1):
-            last_x ^= rand[j, :, la:]
-        parts.append(last_x)
-    last = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return (*rand.unbind(0), last)
+    la = arith[0].numel() if arith else 0
+    lx = xor[0].numel() if xor else 0
+    values = torch.empty((count, la + lx), dtype=torch.int64)
+    for k in range(count):
+        if la:
+            values[k, :la] = arith[k]
+        if lx:
+            values[k, la:] = xor[k]
+    return split_values(values, la, n)
 
 
 def _bundle_meta(total: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
@@ -233,6 +238,26 @@ def deal_trunc(shape: Shape, bits: int, n: int, count: int) -> tuple[torch.Tenso
 
 #: Number of levels of the carry tree after the free first level (blocks of 2 -> 64 bits).
 AND_LEVELS = 5
+#: Values per word at the last tree level: level ``L`` packs ``2^L`` values in each word.
+PACK = 1 << AND_LEVELS
+
+
+def packed_len(numel: int) -> int:
+    """``numel`` rounded up to a multiple of :data:`PACK` (padding values are discarded)."""
+    return -(-numel // PACK) * PACK
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Bits of ``packed_len`` values (int64 0/1) packed 32 a word: value ``32k + s`` at bit
+    ``s`` of word ``k`` (the order of the carry tree's last level)."""
+    lanes = torch.arange(PACK, dtype=torch.int64, device=bits.device)
+    return (bits.view(-1, PACK) << lanes).sum(1)
+
+
+def unpack_bits(words: torch.Tensor, numel: int) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`, cut to the first ``numel`` values."""
+    lanes = torch.arange(PACK, dtype=torch.int64, device=words.device)
+    return ((words.unsqueeze(1) >> lanes) & 1).reshape(-1)[:numel]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -241,28 +266,53 @@ def sign_layout(numel: int, relu: bool) -> Layout:
 
     Arithmetic: the mask ``r``, ``R = r >>> 62``, ``msb = r >>> 63``, a random bit ``rho``;
     with ``relu``, a mask ``alpha`` for the input and the products ``alpha * R``,
-    ``alpha * msb``, ``alpha * rho``. XOR (bit-packed words): ``r' = r mod 2^62``,
-    ``m = r' & (r' >> 1)`` (lets the parties skip the first level of the carry tree), one AND
-    triple ``(a, b, c)`` per remaining tree level and ``rho`` again, bit-shared.
+    ``alpha * msb``, ``alpha * rho``. XOR (bit-sliced words, ``N = packed_len(numel)``):
+    ``r' = r mod 2^62`` and ``m = r' & (r' >> 1)`` (one word per value; ``m`` lets the
+    parties skip the first level of the carry tree), then per tree level ``L`` (whose words
+    hold ``2^L`` values each, ``N / 2^L`` words) one AND triple with a shared first operand:
+    ``a`` (one row), ``b`` and ``c = a & b`` (two rows, one for ``G`` and one for ``P``; one
+    row at the last level), and ``rho`` again, packed 32 values a word.
     """
     n = (numel,)
+    words = packed_len(numel)
     arith = [("r", n), ("R", n), ("msb", n), ("rho_a", n)]
     if relu:
         arith += [("alpha", n), ("alpha_R", n), ("alpha_msb", n), ("alpha_rho", n)]
-    xor: list[tuple[str, Shape]] = [("rp", n), ("m", n)]
+    xor: list[tuple[str, Shape]] = [("rp", (words,)), ("m", (words,))]
     for level in range(1, AND_LEVELS + 1):
         rows = 2 if level < AND_LEVELS else 1
-        xor += [
-            (f"a{level}", (rows, numel)),
-            (f"b{level}", (rows, numel)),
-            (f"c{level}", (rows, numel)),
-        ]
-    xor.append(("rho_x", n))
+        w = words >> level
+        xor += [(f"a{level}", (w,)), (f"b{level}", (rows, w)), (f"c{level}", (rows, w))]
+    xor.append(("rho_x", (words >> AND_LEVELS,)))
     return Layout(arith, xor)
 
 
 def _deal_sign_meta(numel: int, relu: bool, n: int, count: int) -> tuple[torch.Tensor, ...]:
     return _bundle_meta(sign_layout(numel, relu).total, n, count)
+
+
+def _sign_values(lay: Layout, flat: torch.Tensor, numel: int, relu: bool) -> None:
+    """Turn one uniformly random bundle row into comparison material, in place."""
+    p = lay.unpack(flat)
+    r = p["r"]
+    torch.bitwise_and(r >> 62, 3, out=p["R"])
+    torch.bitwise_and(r >> 63, 1, out=p["msb"])
+    rho = p["rho_a"]
+    rho &= 1
+    if relu:
+        alpha = p["alpha"]
+        torch.mul(alpha, p["R"], out=p["alpha_R"])
+        torch.mul(alpha, p["msb"], out=p["alpha_msb"])
+        torch.mul(alpha, rho, out=p["alpha_rho"])
+    rp = p["rp"]
+    rp[:numel] = r  # padding values keep their random r'
+    rp &= (1 << 62) - 1
+    torch.bitwise_and(rp, rp >> 1, out=p["m"])
+    for level in range(1, AND_LEVELS + 1):
+        torch.bitwise_and(p[f"b{level}"], p[f"a{level}"], out=p[f"c{level}"])
+    bits = torch.zeros(packed_len(numel), dtype=torch.int64)
+    bits[:numel] = rho
+    p["rho_x"].copy_(pack_bits(bits))
 
 
 @remote_function("mpc.deal_sign", meta=_deal_sign_meta)
@@ -271,40 +321,28 @@ def deal_sign(numel: int, relu: bool, n: int, count: int) -> tuple[torch.Tensor,
     _check_parties(n, count)
     if type(numel) is not int or numel < 1:
         raise ProtocolError(f"numel must be a positive int, got {numel!r}")
-    arith_items, xor_items = [], []
-    low = (1 << 62) - 1
-    for _ in range(count):
-        r = random_int64(numel)
-        big_r = (r >> 62) & 3
-        msb = (r >> 63) & 1
-        rho = random_int64(numel) & 1
-        arith = [r, big_r, msb, rho]
-        if relu:
-            alpha = random_int64(numel)
-            arith += [alpha, alpha * big_r, alpha * msb, alpha * rho]
-        rp = r & low
-        xor = [rp, rp & (rp >> 1)]
-        for level in range(1, AND_LEVELS + 1):
-            rows = 2 if level < AND_LEVELS else 1
-            a = random_int64((rows, numel))
-            b = random_int64((rows, numel))
-            xor += [a, b, a & b]
-        xor.append(rho)
-        arith_items.append(torch.cat([v.reshape(-1) for v in arith]))
-        xor_items.append(torch.cat([v.reshape(-1) for v in xor]))
-    return split_bundles(arith_items, xor_items, n)
+    lay = sign_layout(numel, relu)
+    values = random_int64((count, lay.total))
+    for k in range(count):
+        _sign_values(lay, values[k], numel, relu)
+    return split_values(values, lay.arith_len, n)
 
 
 __all__ = [
     "AND_LEVELS",
+    "PACK",
     "Layout",
     "beaver_layout",
     "deal_beaver",
     "deal_sign",
     "deal_trunc",
+    "pack_bits",
+    "packed_len",
     "product_shape",
     "ring_product",
     "sign_layout",
     "split_bundles",
+    "split_values",
     "trunc_layout",
+    "unpack_bits",
 ]

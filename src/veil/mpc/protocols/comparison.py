@@ -16,10 +16,16 @@ Protocol ``sign(x)`` for ``|x| < 2^62`` (ring units), giving shares of ``[x >= 0
    ``G`` ("``r' > c'`` is decided in this block") and ``P`` ("equal in this block"),
    combined as ``G = G_hi ^ (P_hi & G_lo)``, ``P = P_hi & P_lo``. The first level (blocks
    of 2 bits) is free because the provider also deals the XOR shares of ``r' & (r' >> 1)``;
-   the five other levels each use one batched AND with a binary Beaver triple (one round).
-   Bits of other lanes are garbage by design and never leave a party unmasked.
-4. **Bit to arithmetic.** With a random bit ``rho`` dealt in both forms, the parties open
-   ``e = b ^ rho`` (lane 0 only) and take ``[b] = e + [rho] - 2e[rho]``.
+   the five other levels each use one batched AND with a binary Beaver triple (one round),
+   whose first operand ``P_hi`` is masked once for both products. Level ``L`` only needs
+   the lanes at multiples of ``2^L``, so before it the parties **pack** ``2^L`` values into
+   each word (value ``s`` of a group in lanes ``= s mod 2^L``; a local, linear bit
+   shuffle of XOR shares): the words, triples and messages halve at every level (about
+   ``1.9`` words per value in all instead of ``9``). Lanes a value does not need are
+   garbage by design and never leave a party unmasked.
+4. **Bit to arithmetic.** With a random bit ``rho`` dealt in both forms (the XOR form
+   packed like the last level), the parties open ``e = b ^ rho`` (the 32 result lanes of
+   each word only) and take ``[b] = e + [rho] - 2e[rho]``.
 
 ``relu(x) = x * [x >= 0]`` costs no extra round: in step 1 the parties also open
 ``eps = x - alpha`` for a dealer mask ``alpha``; the provider also dealt ``alpha * R``,
@@ -38,29 +44,48 @@ from typing import Any
 import torch
 
 from veil.mpc._runtime import Context, exchange, material, opened
-from veil.mpc.provider import AND_LEVELS, deal_sign, sign_layout
+from veil.mpc.provider import AND_LEVELS, deal_sign, packed_len, sign_layout, unpack_bits
 from veil.pointers import remote_function
 
 _LOW62 = (1 << 62) - 1
+_LOW32 = (1 << 32) - 1
+
+#: Lanes kept when packing for level ``L``: those with ``lane mod 2^L < 2^(L-1)``.
+_PACK_MASKS = {
+    1: 0x5555555555555555,
+    2: 0x3333333333333333,
+    3: 0x0F0F0F0F0F0F0F0F,
+    4: 0x00FF00FF00FF00FF,
+    5: 0x0000FFFF0000FFFF,
+}
+
+
+def _pack(gp: torch.Tensor, level: int) -> torch.Tensor:
+    """Pack pairs of adjacent words for tree ``level``: ``(rows, M)`` -> ``(rows, M / 2)``.
+
+    The words hold ``2^(level-1)`` values each, valid in lanes ``j + s`` (``j`` a multiple
+    of ``2^level``, ``s < 2^(level-1)`` the value's slot); the second word of each pair
+    moves to slots ``2^(level-1)..``. Linear over XOR shares: each party packs its own.
+    """
+    v = gp.view(gp.shape[0], -1, 2) & _PACK_MASKS[level]
+    return v[..., 0] ^ (v[..., 1] << (1 << (level - 1)))
 
 
 def _and_masks(
-    lay: Any, row: torch.Tensor, level: int, g: torch.Tensor, p: torch.Tensor
+    lay: Any, row: torch.Tensor, level: int, gp: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked AND inputs for carry-tree ``level`` and the state (``G`` shifted) to keep."""
-    shift = 1 << level
-    ps = p >> shift
-    gs = g >> shift
-    if level < AND_LEVELS:
-        x = torch.stack((ps, ps))
-        y = torch.stack((g, p))
-    else:
-        x = ps.unsqueeze(0)
-        y = g.unsqueeze(0)
-    msg = torch.cat(
-        ((x ^ lay.get(row, f"a{level}")).reshape(-1), (y ^ lay.get(row, f"b{level}")).reshape(-1))
-    )
-    return gs, msg
+    """Masked AND inputs for carry-tree ``level`` and the state (``G_hi``) to keep.
+
+    ``gp`` holds the packed ``G`` and ``P`` rows. The message is ``P_hi ^ a`` then
+    ``(G, P) ^ b`` (only ``G`` at the last level), flattened.
+    """
+    hi = gp >> (1 << level)
+    b = lay.get(row, f"b{level}")
+    rows, words = b.shape
+    msg = torch.empty((rows + 1, words), dtype=torch.int64, device=gp.device)
+    torch.bitwise_xor(hi[1], lay.get(row, f"a{level}"), out=msg[0])
+    torch.bitwise_xor(gp[:rows], b, out=msg[1:])
+    return hi[0], msg.view(-1)
 
 
 def _and_finish(
@@ -68,18 +93,20 @@ def _and_finish(
     lay: Any,
     row: torch.Tensor,
     level: int,
+    state: torch.Tensor,
     msg: torch.Tensor,
     parts: tuple[torch.Tensor, ...],
 ) -> torch.Tensor:
-    """This party's XOR share of the batched AND of carry-tree ``level``."""
-    both = opened(msg, parts, xor=True)
+    """This party's XOR shares of the new ``(G, P)`` rows (``G`` only at the last level)."""
     a = lay.get(row, f"a{level}")
-    half = a.numel()
-    d = both[:half].view(a.shape)
-    e = both[half:].view(a.shape)
-    z = lay.get(row, f"c{level}") ^ (d & lay.get(row, f"b{level}")) ^ (e & a)
+    b = lay.get(row, f"b{level}")
+    both = opened(msg, parts, xor=True).view(b.shape[0] + 1, b.shape[1])
+    d, e = both[0], both[1:]
+    z = lay.get(row, f"c{level}") ^ (e & a)
+    z ^= b & d
     if i == 0:
-        z = z ^ (d & e)
+        z ^= e & d
+    z[0] ^= state
     return z
 
 
@@ -122,18 +149,25 @@ def sign_tree_start(
     """
     lay = sign_layout(numel, relu)
     public = opened(msg, parts)
-    c = public[:numel]
-    cb = ~(c & _LOW62)  # NOT c'; lanes 62 and 63 are 1, where r' is 0: "equal"
+    words = packed_len(numel)
+    c = public[:numel] & _LOW62
+    if words > numel:
+        c = torch.nn.functional.pad(c, (0, words - numel))
+    cb = ~c  # NOT c'; lanes 62 and 63 are 1, where r' is 0: "equal"
     cb_hi = cb >> 1
     rho = lay.get(row, "rp")  # this party's XOR share of r'
-    rho_hi = rho >> 1
     mu = lay.get(row, "m")  # share of r' & (r' >> 1)
     # Blocks of two bits (lo = lane j, hi = lane j + 1): eq = r ^ ~c, lt = r & ~c.
-    p = mu ^ (cb & rho_hi) ^ (cb_hi & rho)
+    t = cb_hi & rho
+    gp = torch.empty((2, words), dtype=torch.int64, device=c.device)
+    rho_hi = rho >> 1
+    torch.bitwise_and(cb_hi, rho_hi, out=gp[0])
+    gp[0] ^= cb & (mu ^ t)
+    torch.bitwise_and(cb, rho_hi, out=gp[1])
+    gp[1] ^= mu ^ t
     if i == 0:
-        p = p ^ (cb_hi & cb)
-    g = (cb_hi & rho_hi) ^ (cb & (mu ^ (cb_hi & rho)))
-    state, out = _and_masks(lay, row, 1, g, p)
+        gp[1] ^= cb_hi & cb
+    state, out = _and_masks(lay, row, 1, _pack(gp, 1))
     return public, state, out, out
 
 
@@ -150,10 +184,8 @@ def sign_tree_level(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 3..: finish the AND of ``level - 1`` and mask the AND of ``level``."""
     lay = sign_layout(numel, relu)
-    z = _and_finish(i, lay, row, level - 1, msg, parts)
-    g = state ^ z[0]
-    p = z[1]
-    state, out = _and_masks(lay, row, level, g, p)
+    z = _and_finish(i, lay, row, level - 1, state, msg, parts)
+    state, out = _and_masks(lay, row, level, _pack(z, level))
     return state, out, out
 
 
@@ -167,10 +199,11 @@ def sign_to_arith(
     numel: int,
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finish the last AND; send lane 0 of ``b ^ rho`` (the other lanes are never sent)."""
+    """Finish the last AND; send ``b ^ rho`` (the 32 result lanes of each packed word; the
+    other lanes are never sent)."""
     lay = sign_layout(numel, relu)
-    z = _and_finish(i, lay, row, AND_LEVELS, msg, parts)
-    out = (state ^ z[0] ^ lay.get(row, "rho_x")) & 1
+    z = _and_finish(i, lay, row, AND_LEVELS, state, msg, parts)
+    out = (z[0] ^ lay.get(row, "rho_x")) & _LOW32
     return out, out
 
 
@@ -187,7 +220,7 @@ def sign_finish(
     """Last step: shares of ``[x >= 0]`` (and of ``relu(x)``), shaped like ``x``."""
     numel = x.numel()
     lay = sign_layout(numel, relu)
-    e = opened(msg, parts, xor=True) & 1
+    e = unpack_bits(opened(msg, parts, xor=True), numel)
     c = public[:numel]
     big_c = (c >> 62) & 3
     w = (c >= 0).to(torch.int64)  # c < 2^63 as an unsigned number
