@@ -222,21 +222,34 @@ def sign_finish(
     lay = sign_layout(numel, relu)
     e = unpack_bits(opened(msg, parts, xor=True), numel)
     c = public[:numel]
-    big_c = (c >> 62) & 3
-    w = (c >= 0).to(torch.int64)  # c < 2^63 as an unsigned number
+    w4 = (c >= 0).to(torch.int64) << 2  # 4 * [c < 2^63 as an unsigned number]
+    ce = (c >> 62) & 3  # public C - e
+    ce -= e
     big_r, msb, rho = lay.get(row, "R"), lay.get(row, "msb"), lay.get(row, "rho_a")
-    flip = 1 - 2 * e
-    s = 4 * w * msb - big_r - rho * flip
+    flip = e * -2
+    flip += 1  # 1 - 2e
+    s = w4 * msb
+    s -= big_r
+    s -= rho * flip
     if i == 0:
-        s = s + big_c - e
+        s += ce
     if not relu:
         return s.view(x.shape)
+    # relu(x) = (C - e) x - x R + 4 w x msb - (1 - 2e) x rho, each product x * v with a
+    # dealer value v as eps * v + [alpha * v].
     eps = public[numel:]
-    flat = x.reshape(-1)
-    x_r = eps * big_r + lay.get(row, "alpha_R")
-    x_msb = eps * msb + lay.get(row, "alpha_msb")
-    x_rho = eps * rho + lay.get(row, "alpha_rho")
-    y = big_c * flat - x_r + 4 * w * x_msb - e * flat - flip * x_rho
+    y = ce * x.reshape(-1)
+    t = eps * msb
+    t += lay.get(row, "alpha_msb")
+    t *= w4
+    y += t
+    t = eps * big_r
+    t += lay.get(row, "alpha_R")
+    y -= t
+    t = eps * rho
+    t += lay.get(row, "alpha_rho")
+    t *= flip
+    y -= t
     return s.view(x.shape), y.view(x.shape)
 
 
