@@ -87,25 +87,6 @@ def split_values(values: torch.Tensor, arith_len: int, n: int) -> tuple[torch.Te
     return (*rand.unbind(0), values)
 
 
-def split_bundles(
-    arith: list[torch.Tensor], xor: list[torch.Tensor], n: int
-) -> tuple[torch.Tensor, ...]:
-    """Split per-item flat values into ``n`` bundles of shape ``(count, La + Lx)``.
-
-    ``arith[k]`` and ``xor[k]`` are item ``k``'s arithmetic and XOR values, flattened.
-    """
-    count = len(arith) if arith else len(xor)
-    la = arith[0].numel() if arith else 0
-    lx = xor[0].numel() if xor else 0
-    values = torch.empty((count, la + lx), dtype=torch.int64)
-    for k in range(count):
-        if la:
-            values[k, :la] = arith[k]
-        if lx:
-            values[k, la:] = xor[k]
-    return split_values(values, la, n)
-
-
 def _bundle_meta(total: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty((count, total), dtype=torch.int64, device="meta") for _ in range(n))
 
@@ -174,13 +155,6 @@ def trunc_layout(shape: Shape) -> Layout:
     return Layout([("r", shape), ("r_hi", shape), ("msb", shape)])
 
 
-def _trunc_values(shape: Shape, bits: int) -> list[torch.Tensor]:
-    r = random_int64(shape)
-    r_hi = (r >> bits) & wrap((1 << (64 - bits)) - 1)
-    msb = (r >> 63) & 1
-    return [r, r_hi, msb]
-
-
 def _check_bits(bits: int) -> None:
     if type(bits) is not int or not 1 <= bits <= 60:
         raise ProtocolError(f"truncation bits must be an int in [1, 60], got {bits!r}")
@@ -207,16 +181,21 @@ def deal_beaver(
     if trunc:
         _check_bits(trunc)
     sx, sy, params = tuple(sx), tuple(sy), tuple(params)
-    sz = product_shape(kind, sx, sy, params)
-    items = []
-    for _ in range(count):
-        a = random_int64(sx)
-        b = random_int64(sy)
-        vals = [a, b, ring_product(kind, a, b, params)]
+    lay = beaver_layout(kind, sx, sy, params, trunc)
+    values = random_int64((count, lay.total))  # a, b (and r) stay uniformly random
+    for k in range(count):
+        p = lay.unpack(values[k])
+        p["c"].copy_(ring_product(kind, p["a"], p["b"], params))
         if trunc:
-            vals += _trunc_values(sz, trunc)
-        items.append(torch.cat([v.reshape(-1) for v in vals]))
-    return split_bundles(items, [], n)
+            _trunc_fill(p, trunc)
+    return split_values(values, lay.arith_len, n)
+
+
+def _trunc_fill(p: dict[str, torch.Tensor], bits: int) -> None:
+    """Fill ``r_hi = r >>> bits`` and ``msb = r >>> 63`` from the random ``r``, in place."""
+    r = p["r"]
+    torch.bitwise_and(r >> bits, wrap((1 << (64 - bits)) - 1), out=p["r_hi"])
+    torch.bitwise_and(r >> 63, 1, out=p["msb"])
 
 
 def _deal_trunc_meta(shape: Shape, bits: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
@@ -228,10 +207,11 @@ def deal_trunc(shape: Shape, bits: int, n: int, count: int) -> tuple[torch.Tenso
     """``count`` truncation pairs (``r``, ``r >>> bits``, ``msb(r)``) for ``n`` parties."""
     _check_parties(n, count)
     _check_bits(bits)
-    items = [
-        torch.cat([v.reshape(-1) for v in _trunc_values(tuple(shape), bits)]) for _ in range(count)
-    ]
-    return split_bundles(items, [], n)
+    lay = trunc_layout(tuple(shape))
+    values = random_int64((count, lay.total))
+    for k in range(count):
+        _trunc_fill(lay.unpack(values[k]), bits)
+    return split_values(values, lay.arith_len, n)
 
 
 # ---------------------------------------------------------------------- comparison material
@@ -341,7 +321,6 @@ __all__ = [
     "product_shape",
     "ring_product",
     "sign_layout",
-    "split_bundles",
     "split_values",
     "trunc_layout",
     "unpack_bits",

@@ -82,17 +82,16 @@ def beaver_finish(
         nx *= s
     eps = both[:nx].view(sx)
     delta = both[nx:].view(sy)
-    a, b, c = lay.get(row, "a"), lay.get(row, "b"), lay.get(row, "c")
-    if i == 0:
-        z = c + ring_product(kind, eps, b + delta, params) + ring_product(kind, a, delta, params)
-    else:
-        z = c + ring_product(kind, eps, b, params) + ring_product(kind, a, delta, params)
+    a, b = lay.get(row, "a"), lay.get(row, "b")
+    z = ring_product(kind, eps, b + delta if i == 0 else b, params)
+    z += ring_product(kind, a, delta, params)
+    z += lay.get(row, "c")
     if not trunc:
         return z if addend is None else z + addend
-    masked = z + lay.get(row, "r")
+    z += lay.get(row, "r")
     if i == 0:
-        masked = masked + truncation.offset(trunc)
-    return masked, masked
+        z += truncation.offset(trunc)
+    return z, z
 
 
 def beaver_product(
