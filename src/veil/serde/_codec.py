@@ -104,6 +104,12 @@ def register_message(code: int) -> Callable[[type], type]:
 # ----------------------------------------------------------------------------- encode
 
 
+def _ext(code: int, data: bytes) -> Any:
+    """``msgpack.ExtType(code, data)`` without its Python-level argument checks (every
+    caller passes an int code and bytes): extensions are built several times per message."""
+    return tuple.__new__(msgpack.ExtType, (code, data))
+
+
 def _tensor_payload(t: torch.Tensor) -> bytes:
     if t.layout != torch.strided:
         raise SerializationError(f"only dense tensors can be sent, got layout {t.layout}")
@@ -126,15 +132,15 @@ def _tensor_payload(t: torch.Tensor) -> bytes:
 def _encode_message(obj: Any) -> Any:
     cls = type(obj)
     values = [getattr(obj, name) for name in _FIELD_NAMES[cls]]
-    return msgpack.ExtType(_EXT_MESSAGE, _pack([_MESSAGE_CODES[cls], *values]))
+    return _ext(_EXT_MESSAGE, _pack([_MESSAGE_CODES[cls], *values]))
 
 
 #: Encoders by exact type, tried before the general checks of _default (the hot path:
 #: a command is a message holding tuples of references).
 _ENCODERS: dict[type, Callable[[Any], Any]] = {
-    Ref: lambda obj: msgpack.ExtType(_EXT_REF, obj.id),
-    GradRef: lambda obj: msgpack.ExtType(_EXT_GRADREF, obj.id),
-    tuple: lambda obj: msgpack.ExtType(_EXT_TUPLE, _pack(list(obj))),
+    Ref: lambda obj: _ext(_EXT_REF, obj.id),
+    GradRef: lambda obj: _ext(_EXT_GRADREF, obj.id),
+    tuple: lambda obj: _ext(_EXT_TUPLE, _pack(list(obj))),
 }
 
 
@@ -148,34 +154,34 @@ def _default(obj: Any) -> Any:
                 f"a {type(obj).__name__} cannot be sent as a plain tensor; "
                 "bring it home (.get()) or send its parts"
             )
-        return msgpack.ExtType(_EXT_TENSOR, _tensor_payload(obj))
+        return _ext(_EXT_TENSOR, _tensor_payload(obj))
     if isinstance(obj, torch.Size):
-        return msgpack.ExtType(_EXT_SIZE, _pack(list(obj)))
+        return _ext(_EXT_SIZE, _pack(list(obj)))
     if isinstance(obj, Ref):
-        return msgpack.ExtType(_EXT_REF, obj.id)
+        return _ext(_EXT_REF, obj.id)
     if isinstance(obj, GradRef):
-        return msgpack.ExtType(_EXT_GRADREF, obj.id)
+        return _ext(_EXT_GRADREF, obj.id)
     if isinstance(obj, tuple):
-        return msgpack.ExtType(_EXT_TUPLE, _pack(list(obj)))
+        return _ext(_EXT_TUPLE, _pack(list(obj)))
     if isinstance(obj, torch.dtype):
         code = _DTYPE_CODES.get(obj)
         if code is None:
             raise SerializationError(f"dtype {obj} cannot be sent")
-        return msgpack.ExtType(_EXT_DTYPE, bytes([code]))
+        return _ext(_EXT_DTYPE, bytes([code]))
     if isinstance(obj, torch.memory_format):
         if obj not in _MEMORY_FORMAT_CODES:
             raise SerializationError(f"memory format {obj} cannot be sent")
-        return msgpack.ExtType(_EXT_MEMORY_FORMAT, bytes([_MEMORY_FORMAT_CODES[obj]]))
+        return _ext(_EXT_MEMORY_FORMAT, bytes([_MEMORY_FORMAT_CODES[obj]]))
     if isinstance(obj, slice):
-        return msgpack.ExtType(_EXT_SLICE, _pack([obj.start, obj.stop, obj.step]))
+        return _ext(_EXT_SLICE, _pack([obj.start, obj.stop, obj.step]))
     if obj is Ellipsis:
-        return msgpack.ExtType(_EXT_ELLIPSIS, b"")
+        return _ext(_EXT_ELLIPSIS, b"")
     code = _MESSAGE_CODES.get(type(obj))
     if code is not None:
         fields = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-        return msgpack.ExtType(_EXT_MESSAGE, _pack([code, *fields]))
+        return _ext(_EXT_MESSAGE, _pack([code, *fields]))
     if isinstance(obj, (set, frozenset)):
-        return msgpack.ExtType(_EXT_TUPLE, _pack(sorted(obj)))
+        return _ext(_EXT_TUPLE, _pack(sorted(obj)))
     raise SerializationError(f"values of type {type(obj).__name__} cannot be sent")
 
 
@@ -255,45 +261,64 @@ def _decode_tensor(data: bytes) -> torch.Tensor:
     return t
 
 
+def _ext_tuple(data: bytes) -> tuple[Any, ...]:
+    items = _unpack(data)
+    if not isinstance(items, list):
+        raise SerializationError("malformed tuple")
+    return tuple(items)
+
+
+def _ext_ref(data: bytes) -> Ref:
+    if len(data) != 16:
+        raise SerializationError("object ids are 16 bytes")
+    return Ref(bytes(data))
+
+
+def _ext_gradref(data: bytes) -> GradRef:
+    if len(data) != 16:
+        raise SerializationError("object ids are 16 bytes")
+    return GradRef(bytes(data))
+
+
+def _ext_dtype(data: bytes) -> torch.dtype:
+    if len(data) != 1 or data[0] not in DTYPES:
+        raise SerializationError("unknown dtype code")
+    return DTYPES[data[0]]
+
+
+def _ext_size(data: bytes) -> torch.Size:
+    dims = _unpack(data)
+    if not (isinstance(dims, list) and all(type(d) is int and d >= 0 for d in dims)):
+        raise SerializationError("malformed torch.Size")
+    return torch.Size(dims)
+
+
+def _ext_slice(data: bytes) -> slice:
+    parts = _unpack(data)
+    if not (isinstance(parts, list) and len(parts) == 3):
+        raise SerializationError("malformed slice")
+    if not all(p is None or type(p) is int for p in parts):
+        raise SerializationError("slice bounds must be integers or None")
+    return slice(*parts)
+
+
+def _ext_ellipsis(data: bytes) -> Any:
+    if data:
+        raise SerializationError("malformed Ellipsis")
+    return Ellipsis
+
+
+def _ext_memory_format(data: bytes) -> torch.memory_format:
+    if len(data) != 1 or data[0] not in MEMORY_FORMATS:
+        raise SerializationError("unknown memory format code")
+    return MEMORY_FORMATS[data[0]]
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
-    if code == _EXT_TENSOR:
-        return _decode_tensor(data)
-    if code == _EXT_TUPLE:
-        items = _unpack(data)
-        if not isinstance(items, list):
-            raise SerializationError("malformed tuple")
-        return tuple(items)
-    if code in (_EXT_REF, _EXT_GRADREF):
-        if len(data) != 16:
-            raise SerializationError("object ids are 16 bytes")
-        return Ref(bytes(data)) if code == _EXT_REF else GradRef(bytes(data))
-    if code == _EXT_DTYPE:
-        if len(data) != 1 or data[0] not in DTYPES:
-            raise SerializationError("unknown dtype code")
-        return DTYPES[data[0]]
-    if code == _EXT_SIZE:
-        dims = _unpack(data)
-        if not (isinstance(dims, list) and all(type(d) is int and d >= 0 for d in dims)):
-            raise SerializationError("malformed torch.Size")
-        return torch.Size(dims)
-    if code == _EXT_SLICE:
-        parts = _unpack(data)
-        if not (isinstance(parts, list) and len(parts) == 3):
-            raise SerializationError("malformed slice")
-        if not all(p is None or type(p) is int for p in parts):
-            raise SerializationError("slice bounds must be integers or None")
-        return slice(*parts)
-    if code == _EXT_ELLIPSIS:
-        if data:
-            raise SerializationError("malformed Ellipsis")
-        return Ellipsis
-    if code == _EXT_MESSAGE:
-        return _decode_message(data)
-    if code == _EXT_MEMORY_FORMAT:
-        if len(data) != 1 or data[0] not in MEMORY_FORMATS:
-            raise SerializationError("unknown memory format code")
-        return MEMORY_FORMATS[data[0]]
-    raise SerializationError(f"unknown extension type {code}")
+    decoder = _DECODERS.get(code)
+    if decoder is None:
+        raise SerializationError(f"unknown extension type {code}")
+    return decoder(data)
 
 
 def _decode_message(data: bytes) -> Any:
@@ -318,6 +343,21 @@ def _decode_message(data: bytes) -> Any:
         except (TypeError, ValueError) as exc:
             raise SerializationError(f"malformed {cls.__name__}: {exc}") from exc
     return msg
+
+
+#: Decoders by extension code (one dict lookup per extension: refs and messages are many).
+_DECODERS: dict[int, Callable[[bytes], Any]] = {
+    _EXT_TENSOR: _decode_tensor,
+    _EXT_TUPLE: _ext_tuple,
+    _EXT_REF: _ext_ref,
+    _EXT_GRADREF: _ext_gradref,
+    _EXT_DTYPE: _ext_dtype,
+    _EXT_SIZE: _ext_size,
+    _EXT_SLICE: _ext_slice,
+    _EXT_ELLIPSIS: _ext_ellipsis,
+    _EXT_MESSAGE: _decode_message,
+    _EXT_MEMORY_FORMAT: _ext_memory_format,
+}
 
 
 def _unpack(data: bytes) -> Any:
