@@ -72,7 +72,10 @@ class WebSocketWorker(Worker):
     """A handle on a worker served by ``veil worker``, over one WebSocket connection.
 
     Pipelined messages are encoded at once and buffered; they travel in the same frame as the
-    next request, so a training step costs about one round trip. Use it from one thread at a
+    next request, or sooner: after a ``backward`` the buffered step starts on its way and the
+    caller goes on without waiting (which leaves got gradients is predicted from the
+    pointers' lineage and checked by the worker), so a training loop streams its steps and
+    waits only where it needs a value. Use it from one thread at a
     time (calls from several threads are serialized). Closing it (or losing the connection)
     makes the worker release every object this handle created there.
 
@@ -240,6 +243,12 @@ class WebSocketWorker(Worker):
         while self._after:
             source = self._after.pop()
             source.flush()
+
+    _predict_grads = True
+
+    def _push(self) -> None:
+        with self._lock:
+            self._send_early()
 
     def _send_early(self) -> None:
         """Send the buffered messages now; their acknowledgement is read later."""

@@ -151,10 +151,17 @@ class _RemoteForward:
                 # Run the real thing to get the error message the user needs.
                 _meta.spec_of(remote.meta(*(_to_meta(x) for x in inputs)))
             _meta.remember(key, spec)
-        from veil.pointers._tensor import _dispatch
+        from veil.pointers._tensor import _add_deps, _dispatch
 
+        if remote.worker._predict_grads and w.deps is not None and torch.is_grad_enabled():
+            # Every allow-listed layer uses all of its parameters in its forward.
+            for p in module.parameters():
+                if p.requires_grad:
+                    _add_deps(w, p._deps)
+        else:
+            w.deps = None
         return _dispatch(remote.worker, "veil.module_call",
-                         (Ref(remote.module_id), training, *wargs), {}, spec)
+                         (Ref(remote.module_id), training, *wargs), {}, spec, w.deps)
 
 
 def get_module(module: nn.Module) -> nn.Module:

@@ -80,6 +80,10 @@ class PointerTensor(torch.Tensor):
         p._key = (shape, dtype, requires_grad)  # read without going through torch
         if requires_grad and is_leaf and type(p._ref) is Ref:
             location._leaves[oid] = p
+            p._deps = frozenset((oid,))
+        else:
+            # The leaves whose .grad a backward from here reaches (None: not known).
+            p._deps = None if requires_grad else _NO_DEPS
         return p
 
     # ------------------------------------------------------------------ Python protocol
@@ -227,13 +231,25 @@ class PointerTensor(torch.Tensor):
 # ---------------------------------------------------------------------- commands
 
 
+_NO_DEPS: frozenset[bytes] = frozenset()
+
+
 class _Walk:
-    __slots__ = ("key", "location", "name")
+    __slots__ = ("deps", "key", "location", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.location: Worker | None = None
         self.key: list[Any] = [name, torch.is_grad_enabled()]
+        #: Union of the arguments' leaf dependencies (None once one is unknown).
+        self.deps: frozenset[bytes] | None = _NO_DEPS
+
+
+def _add_deps(w: _Walk, deps: frozenset[bytes] | None) -> None:
+    if deps is None:
+        w.deps = None
+    elif w.deps is not None and deps:
+        w.deps = w.deps | deps if w.deps else deps
 
 
 def _wire(a: Any, w: _Walk) -> Any:
@@ -250,6 +266,8 @@ def _wire(a: Any, w: _Walk) -> Any:
                 f"{loc.name}); bring them together with .move() first"
             )
         w.key.append(a._key)
+        if a._key[2]:
+            _add_deps(w, a._deps)
         return a._ref
     if t is tuple or t is list:
         w.key.append(t)
@@ -298,14 +316,17 @@ def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         inplace = _INPLACE[name] = _inplace(name)
     if inplace:
         return _call_inplace(name, args, kwargs)
-    return run_remote(name, func, args, kwargs)
+    return run_remote(name, func, args, kwargs, tracked=True)
 
 
 def run_remote(name: str, shape_fn: Any, args: Any, kwargs: dict[str, Any],
-               location: Worker | None = None) -> Any:
+               location: Worker | None = None, *, tracked: bool = False) -> Any:
     """Send command ``name`` to where its pointer arguments live (or to ``location``).
 
     ``shape_fn`` run on meta tensors gives the results' shapes, cached per signature.
+    ``tracked``: ``name`` is a torch operation whose differentiable results depend, through
+    autograd, on exactly its arguments (not so for a user's remote function, which may reach
+    other objects): the results then know which leaves a backward from them reaches.
     """
     w = _Walk(name)
     w.location = location
@@ -327,7 +348,7 @@ def run_remote(name: str, shape_fn: Any, args: Any, kwargs: dict[str, Any],
                            {k: _to_meta(v) for k, v in kwargs.items()})
         if key is not None and spec is not None:
             _meta.remember(key, spec)
-    return _dispatch(loc, name, wargs, wkwargs, spec)
+    return _dispatch(loc, name, wargs, wkwargs, spec, w.deps if tracked else None)
 
 
 _SIMPLE = frozenset({int, float, bool, type(None), str})
@@ -356,6 +377,8 @@ def _call_inplace(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
     else:
         if loc is not None and all(type(v) in _SIMPLE for v in kwargs.values()):
             loc._run(name, tuple(wargs), kwargs, None)
+            if torch.is_grad_enabled():
+                _inplace_deps(args, kwargs)
             return None if name == "Tensor.__setitem__" else args[0]
     w = _Walk(name)
     wargs = [_wire(a, w) for a in args]
@@ -364,25 +387,50 @@ def _call_inplace(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
     if loc is None:
         raise WorkerMismatch(f"{name}: no argument is a pointer at the top level")
     loc._run(name, tuple(wargs), wkwargs, None)
+    if torch.is_grad_enabled():
+        _inplace_deps(args, kwargs)
     return None if name == "Tensor.__setitem__" else args[0]
 
 
+def _inplace_deps(args: Any, kwargs: dict[str, Any]) -> None:
+    """An in-place op under autograd: its target now also depends on the other arguments."""
+    target = args[0]
+    if type(target) is not PointerTensor:
+        return
+    w = _Walk("")
+    for a in (*args, *kwargs.values()):
+        if type(a) is PointerTensor and a._key[2]:
+            _add_deps(w, a._deps)
+        elif isinstance(a, (tuple, list)):
+            w.deps = None  # nested pointers: not followed
+    if w.deps:
+        target._deps = None if target._deps is None else target._deps | w.deps
+    elif w.deps is None:
+        target._deps = None
+
+
 def _dispatch(loc: Worker, name: str, wargs: tuple[Any, ...], wkwargs: dict[str, Any],
-              spec: Any) -> Any:
+              spec: Any, deps: frozenset[bytes] | None = None) -> Any:
     if spec is None:
         loc._run(name, wargs, wkwargs, None)
         return None
     if type(spec) is _meta.TensorSpec:
         rid = new_id()
         loc._run(name, wargs, wkwargs, rid)
-        return PointerTensor._from_remote(loc, rid, spec.shape, spec.dtype, spec.requires_grad,
-                                          owns=True, is_leaf=not spec.requires_grad)
+        p = PointerTensor._from_remote(loc, rid, spec.shape, spec.dtype, spec.requires_grad,
+                                       owns=True, is_leaf=not spec.requires_grad)
+        if spec.requires_grad:
+            p._deps = deps
+        return p
     if type(spec) is _meta.SeqSpec:
         rids = tuple(new_id() for _ in spec.items)
         loc._run(name, wargs, wkwargs, rids)
         ptrs = [PointerTensor._from_remote(loc, r, s.shape, s.dtype, s.requires_grad,
                                            owns=True, is_leaf=not s.requires_grad)
                 for r, s in zip(rids, spec.items)]
+        for ptr in ptrs:
+            if ptr._key[2]:
+                ptr._deps = deps
         return spec.kind(ptrs)
     rid = new_id()
     loc._run(name, wargs, wkwargs, rid)
@@ -479,6 +527,9 @@ def _set_requires_grad(p: PointerTensor, flag: bool) -> None:
     p._key = (p._key[0], p._key[1], flag)
     if flag and p._is_leaf and type(p._ref) is Ref:
         p.location._leaves[p.id] = p
+        p._deps = frozenset((p.id,))
+    elif not flag:
+        p._deps = _NO_DEPS
 
 
 def _requires_grad_(func: Any, args: Any, kwargs: dict[str, Any]) -> PointerTensor:
@@ -500,7 +551,14 @@ def _backward(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
     wkwargs = {k: _wire(v, w) for k, v in kwargs.items()}
     loc = p.location
     loc._run("Tensor.backward", wargs, wkwargs, None)
-    refresh_grads(loc)
+    # backward(gradient, retain_graph, create_graph, inputs): with ``inputs`` only some
+    # leaves receive a gradient, so the worker is asked.
+    if loc._predict_grads and p._deps is not None and len(args) < 5 \
+            and kwargs.get("inputs") is None:
+        _predict_grads(loc, p._deps)
+        loc._push()
+    else:
+        refresh_grads(loc)
 
 
 def refresh_grads(loc: Worker) -> None:
@@ -509,6 +567,41 @@ def refresh_grads(loc: Worker) -> None:
     flags = loc._grad_flags(tuple(oid for oid, _ in leaves))
     for (_, p), flag in zip(leaves, flags):
         p._has_grad = bool(flag)
+
+
+def _predict_grads(loc: Worker, deps: frozenset[bytes]) -> None:
+    """Mark which leaves on ``loc`` have a ``.grad`` after a backward that reaches ``deps``.
+
+    No round trip: autograd gives a gradient to every leaf the graph reaches and leaves the
+    others' as they were, and each pointer knows the leaves its value was computed from. A
+    pipelined ``veil.expect_grads`` makes the worker check the prediction, so a wrong one
+    (a bug) fails loudly at the next flush instead of skipping a parameter's update.
+    """
+    with_grad, without = [], []
+    for oid, leaf in list(loc._leaves.items()):
+        if leaf._moved_to is not None:
+            continue
+        flag = leaf._has_grad or oid in deps
+        leaf._has_grad = flag
+        (with_grad if flag else without).append(leaf._ref)
+    loc._run("veil.expect_grads", (tuple(with_grad), tuple(without)), {}, None)
+
+
+def _expect_grads(with_grad: Any, without: Any) -> None:
+    """Check (on the worker) that exactly the predicted tensors have a ``.grad``."""
+    for tensors, expected in ((with_grad, True), (without, False)):
+        if not isinstance(tensors, tuple) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError("veil.expect_grads needs two tuples of tensors")
+        wrong = sum((t.grad is not None) != expected for t in tensors)
+        if wrong:
+            raise ProtocolError(
+                f"after backward, {wrong} tensor(s) {'lack' if expected else 'have'} a .grad "
+                "that the caller's prediction says they should "
+                f"{'have' if expected else 'not have'}; this is a bug in veil, please report it"
+            )
+
+
+register_function("veil.expect_grads", _expect_grads)
 
 
 def _iter(func: Any, args: Any, kwargs: dict[str, Any]) -> Any:

@@ -64,6 +64,9 @@ class Worker(ABC):
     #: transports batch them; in-process workers free at once (old autograd graphs kept
     #: alive cost more than the messages).
     gc_batch: int = GC_BATCH
+    #: After a backward, predict which leaves got a ``.grad`` (from the pointers' lineage)
+    #: instead of asking: worth it where a round trip is expensive (network transports).
+    _predict_grads: bool = False
 
     def __init__(self, name: str, *, client_name: str = "me") -> None:
         if not isinstance(name, str) or not name:
@@ -103,6 +106,9 @@ class Worker(ABC):
     def _run(self, op: str, args: Any, kwargs: dict[str, Any], result_ids: Any) -> None:
         """Submit the command ``op`` (a transport may override this to skip the message)."""
         self._command(ExecuteCommand(op, args, kwargs, result_ids, torch.is_grad_enabled()))
+
+    def _push(self) -> None:  # noqa: B027 (optional hook)
+        """Start sending what is buffered without waiting (a hint; transports may ignore it)."""
 
     def _grad_flags(self, ids: tuple[bytes, ...]) -> list[bool]:
         """Which of ``ids`` have a ``.grad`` on the worker (a query; flushes the pipeline)."""
