@@ -1,8 +1,10 @@
-"""FedAvg round time: veil on virtual workers vs local training of the same epochs (vs Flower).
+"""FedAvg round time: veil on virtual and WebSocket workers vs local training (vs Flower).
 
 The paper's task (Boston Housing, 13->32->24->1 MLP, SGD lr 0.001, batch 8, 2 workers, one
 local epoch per round). Prints median seconds per round over repeats and the ratio to local
-training of the same data and epochs, measured in the same run. Flower's simulation runs
+training of the same data and epochs, measured in the same run. The WebSocket rows use two
+``veil worker`` processes started on loopback (one torch thread each, as this process uses);
+the two workers train concurrently, as they would on two machines. Flower's simulation runs
 when ``flwr`` (with its simulation extra) is installed; otherwise its row says so.
 
 Run: ``python benchmarks/fl.py [--rounds 5] [--repeats 5]``
@@ -11,9 +13,12 @@ Run: ``python benchmarks/fl.py [--rounds 5] [--repeats 5]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -37,41 +42,78 @@ def local_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         opt.step()
 
 
+@contextlib.contextmanager
+def websocket_workers() -> Iterator[list[veil.Worker]]:
+    """Two ``veil worker`` processes on loopback (alice, bob), connected; stopped afterwards."""
+    token = veil.net.new_token()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(veil.net.spawn_worker, name, token=token,
+                               args=["--threads", "1"]) for name in ("alice", "bob")]
+    procs = [f.result() for f in futures if f.exception() is None]
+    try:
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        conns = [veil.connect(p.url, token=token, timeout=60) for p in procs]
+        try:
+            yield conns
+        finally:
+            for c in conns:
+                c.close()
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-websocket", action="store_true",
+                        help="skip the rows that start veil worker processes")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be at least 1")
     torch.set_num_threads(1)
     data = veil.datasets.boston()
     x, y = data.x_train, data.y_train
     half = len(x) // 2
-    times: dict[str, list[float]] = {"local training (same epochs)": [],
-                                     "veil FedAvg, virtual": [],
-                                     "veil SecureFedAvg, virtual": []}
-    for _ in range(args.repeats):
-        model = mlp()
-        t0 = time.perf_counter()
-        for _ in range(args.rounds):
-            local_epoch(model, x[:half], y[:half])
-            local_epoch(model, x[half:], y[half:])
-        times["local training (same epochs)"].append((time.perf_counter() - t0) / args.rounds)
-        for name, strategy in (("veil FedAvg, virtual", fl.FedAvg()),
-                               ("veil SecureFedAvg, virtual", fl.SecureFedAvg())):
-            ds = fl.federate(x, y, [veil.VirtualWorker("alice"), veil.VirtualWorker("bob")])
-            hist = fl.fedavg(mlp(), ds, rounds=args.rounds, strategy=strategy)
-            times[name].append(statistics.median(r.seconds for r in hist.rounds))
-    base = statistics.median(times["local training (same epochs)"])
+    local = "local training (same epochs)"
+    times: dict[str, list[float]] = {local: []}
+    with contextlib.ExitStack() as stack:
+        kinds = {"virtual": lambda: [veil.VirtualWorker("alice"), veil.VirtualWorker("bob")]}
+        if not args.no_websocket:
+            conns = stack.enter_context(websocket_workers())
+            kinds["WebSocket"] = lambda: conns
+            # the first commands a fresh worker runs are slow: one untimed round
+            fl.fedavg(mlp(), fl.federate(x, y, conns), rounds=1)
+        for _ in range(args.repeats):
+            model = mlp()
+            t0 = time.perf_counter()
+            for _ in range(args.rounds):
+                local_epoch(model, x[:half], y[:half])
+                local_epoch(model, x[half:], y[half:])
+            times[local].append((time.perf_counter() - t0) / args.rounds)
+            for kind, make in kinds.items():
+                for name, strategy in (("FedAvg", fl.FedAvg()),
+                                       ("SecureFedAvg", fl.SecureFedAvg())):
+                    ds = fl.federate(x, y, make())
+                    hist = fl.fedavg(mlp(), ds, rounds=args.rounds, strategy=strategy)
+                    times.setdefault(f"veil {name}, {kind}", []).append(
+                        statistics.median(r.seconds for r in hist.rounds))
+    base = statistics.median(times[local])
     print(f"FedAvg on Boston Housing, 2 workers, 1 local epoch/round, median of "
-          f"{args.repeats} repeats x {args.rounds} rounds")
+          f"{args.repeats} repeats x {args.rounds} rounds (per-round median in each repeat)")
     print(f"{'method':<34}{'ms/round':>10}{'ratio':>8}")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:<34}{med * 1e3:>10.1f}{med / base:>7.2f}x")
+    print("target: veil's FedAvg round <= 2x local training and below Flower's")
     try:
         import flwr
     except ImportError:
-        print("Flower (flwr) is not installed: no Flower row (pip install 'flwr[simulation]')")
+        print("Flower (flwr) is not installed: no Flower row, skipped "
+              "(pip install 'flwr[simulation]')")
         return
     flower = flower_round_seconds(x, y, args.rounds)
     print(f"{'Flower ' + flwr.__version__ + ' simulation':<34}{flower * 1e3:>10.1f}"
