@@ -140,5 +140,5 @@ def test_a_wrong_prediction_fails_at_the_next_flush():
     v = torch.ones(2).send(worker).requires_grad_()
     (w * 3).sum().backward()
     _predict_grads(worker, frozenset({v.id}))  # claims v has a gradient: it has none
-    with pytest.raises(veil.ProtocolError, match="veil.expect_grads"):
+    with pytest.raises(veil.ProtocolError, match=r"veil\.expect_grads"):
         worker.flush()

@@ -157,3 +157,15 @@ def test_precision_limit_of_approximations():
     x = torch.tensor([1.0]).fix_precision(30)
     with pytest.raises(ValueError, match="precision_bits"):
         veil.mpc.approximations.exp(x)
+
+
+@pytest.mark.parametrize("serialize", [False, True])
+def test_approximations_on_shares_held_by_workers(serialize):
+    """The approximations' protocol steps pass lists of shares: they must run on the workers."""
+    parties, provider = worker_parties(2, serialize=serialize)
+    x = torch.linspace(-3, 3, 13)
+    a = shared(x, parties, provider)
+    for fn, tol in ((torch.sigmoid, 1e-3), (torch.tanh, 1e-3), (torch.exp, 1e-2)):
+        got = reveal(fn(a))
+        want = fn(x).to(got.dtype)
+        torch.testing.assert_close(got, want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))

@@ -69,9 +69,7 @@ def remote_function(name: str, *, meta: Callable[..., Any] | None = None) -> Cal
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if not any(type(a) is PointerTensor for a in args) and not any(
-                type(v) is PointerTensor for v in kwargs.values()
-            ):
+            if not _has_pointer(args) and not _has_pointer(tuple(kwargs.values())):
                 return fn(*args, **kwargs)
             return _call_registered(wire, shape_fn, None, args, kwargs)
 
@@ -80,6 +78,15 @@ def remote_function(name: str, *, meta: Callable[..., Any] | None = None) -> Cal
         return wrapper  # type: ignore[return-value]
 
     return wrap
+
+
+def _has_pointer(values: tuple[Any, ...] | list[Any]) -> bool:
+    """Whether a pointer is among ``values``, also inside (nested) tuples and lists."""
+    for v in values:
+        t = type(v)
+        if t is PointerTensor or ((t is tuple or t is list) and _has_pointer(v)):
+            return True
+    return False
 
 
 def _call_registered(wire: str, shape_fn: Callable[..., Any], location: Worker | None,
