@@ -70,7 +70,7 @@ class Context:
     separately among the same parties can be combined.
     """
 
-    __slots__ = ("__weakref__", "n", "parties", "pools", "provider", "remote")
+    __slots__ = ("__weakref__", "n", "parties", "pending", "pools", "provider", "remote")
 
     def __init__(self, parties: tuple[Any, ...], provider: Any) -> None:
         self.parties = parties
@@ -78,6 +78,8 @@ class Context:
         self.n = len(parties)
         self.remote = isinstance(parties[0], Worker)
         self.pools: dict[Any, Any] = {}
+        #: Products and truncations queued to run together (see :mod:`.protocols.batch`).
+        self.pending: list[Any] = []
 
     def __repr__(self) -> str:
         names = ", ".join(_name(p) for p in self.parties)

@@ -14,6 +14,7 @@ import torch
 
 from veil._errors import PrecisionOverflow, ProtocolError
 from veil.mpc import protocols
+from veil.mpc.protocols import batch
 from veil.mpc.provider import ring_product
 from veil.mpc.sharing import (
     LOCAL_OPS,
@@ -179,10 +180,10 @@ def product(
         from veil.mpc._runtime import merge
 
         ctx = merge(a.ctx, b.ctx)
-        shares = protocols.beaver_product(
+        op = batch.queue_product(
             ctx, a.raw_shares, b.raw_shares, kind, params, trunc, _addend(plus, ctx)
         )
-        return AST(shares, ctx)
+        return AST.deferred(op, ctx)
     if sa or sb:
         x = a if sa else b
         ctx = x.ctx
@@ -192,7 +193,8 @@ def product(
         else:
             shares = [fn(kind, a, s, params) for s in x.raw_shares]
         if trunc:
-            return AST(protocols.truncate(ctx, shares, trunc, 1, _addend(plus, ctx)), ctx)
+            op = batch.queue_truncation(ctx, shares, trunc, 1, _addend(plus, ctx))
+            return AST.deferred(op, ctx)
         out = AST(shares, ctx)
         return out if plus is None else add(out, plus)
     _plain_check(kind, a, b, params)
@@ -209,7 +211,8 @@ def truncate(a: Any, bits: int, scale: int = 1, plus: Any = None) -> Any:
         out = mul_int(a, scale) if scale != 1 else a
         return out if plus is None else add(out, plus)
     if type(a) is AST:
-        return AST(protocols.truncate(a.ctx, a.shares, bits, scale, _addend(plus, a.ctx)), a.ctx)
+        op = batch.queue_truncation(a.ctx, a.shares, bits, scale, _addend(plus, a.ctx))
+        return AST.deferred(op, a.ctx)
     z = mul_int(a, scale) if scale != 1 else a
     z = (z + (1 << (bits - 1))) >> bits
     return z if plus is None else add(z, plus)

@@ -23,6 +23,7 @@ from veil.mpc import _runtime
 from veil.mpc._random import random_int64
 from veil.mpc._registry import Registry
 from veil.mpc._runtime import STATS, Context, context, merge, on_party
+from veil.mpc.protocols import batch
 from veil.pointers import PointerTensor, remote_function
 from veil.pointers import send as _send
 
@@ -53,13 +54,42 @@ class AdditiveSharingTensor(torch.Tensor):
             shape = torch.Size((shape[1], shape[0]))
         out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.int64, device="cpu")
         out._shares = shares
+        out._pending = None
         out.transposed = transposed
         out.ctx = ctx
         return out
 
+    @classmethod
+    def deferred(
+        cls, op: batch.Op, ctx: Context, transposed: bool = False
+    ) -> AdditiveSharingTensor:
+        """The result of a queued product or truncation (see :mod:`.protocols.batch`): its
+        shares are computed, with everything else queued on ``ctx``, when first needed."""
+        shape = op.shape
+        if transposed:
+            shape = (shape[1], shape[0])
+        out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.int64, device="cpu")
+        out._shares = None
+        out._pending = op
+        out.transposed = transposed
+        out.ctx = ctx
+        return out
+
+    def _resolve(self) -> None:
+        self._shares = batch.result(self.ctx, self._pending)
+        self._pending = None
+
+    @property
+    def pending(self) -> batch.Op | None:
+        """The queued operation whose result this is, until it has run."""
+        op = self._pending
+        return op if op is not None and op.result is None else None
+
     @property
     def shares(self) -> list[Any]:
         """One share per party (a lazy transposition is applied by the parties first)."""
+        if self._pending is not None:
+            self._resolve()
         if self.transposed:
             self._shares = apply_each(self.ctx, "t", [(s,) for s in self._shares])
             self.transposed = False
@@ -68,11 +98,14 @@ class AdditiveSharingTensor(torch.Tensor):
     @shares.setter
     def shares(self, value: list[Any]) -> None:
         self._shares = value
+        self._pending = None
         self.transposed = False
 
     @property
     def raw_shares(self) -> list[Any]:
         """The shares as stored: transposed when :attr:`transposed` is set (2-D only)."""
+        if self._pending is not None:
+            self._resolve()
         return self._shares
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -324,6 +357,8 @@ def map_shares(x: AdditiveSharingTensor, name: str, *args: Any) -> AdditiveShari
     value transposes inside its own step (no extra command per party).
     """
     if name == "t" and x.dim() == 2:
+        if x._pending is not None:
+            return AdditiveSharingTensor.deferred(x._pending, x.ctx, not x.transposed)
         return AdditiveSharingTensor(x.raw_shares, x.ctx, not x.transposed)
     return AdditiveSharingTensor(apply_each(x.ctx, name, [(s, *args) for s in x.shares]), x.ctx)
 

@@ -54,8 +54,36 @@ def beaver_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Party step 2: ``(x_i - a_i, y_i - b_i)`` flattened into one message (kept and sent)."""
     lay = beaver_layout(kind, tuple(x.shape), tuple(y.shape), tuple(params), trunc)
-    msg = torch.cat(((x - lay.get(row, "a")).reshape(-1), (y - lay.get(row, "b")).reshape(-1)))
+    msg = mask_share(x, y, row, lay)
     return msg, msg
+
+
+def mask_share(x: torch.Tensor, y: torch.Tensor, row: torch.Tensor, lay: Any) -> torch.Tensor:
+    """Party step 2 on plain tensors: ``x_i - a_i`` and ``y_i - b_i``, flattened into one."""
+    return torch.cat(((x - lay.get(row, "a")).reshape(-1), (y - lay.get(row, "b")).reshape(-1)))
+
+
+def product_share(
+    i: int,
+    both: torch.Tensor,
+    row: torch.Tensor,
+    lay: Any,
+    kind: str,
+    sx: tuple[int, ...],
+    sy: tuple[int, ...],
+    params: tuple[Any, ...],
+) -> torch.Tensor:
+    """Party step 3 on plain tensors: ``z_i`` from the opened ``(eps, delta)`` (flattened)."""
+    nx = 1
+    for s in sx:
+        nx *= s
+    eps = both[:nx].view(sx)
+    delta = both[nx:].view(sy)
+    a, b = lay.get(row, "a"), lay.get(row, "b")
+    z = ring_product(kind, eps, b + delta if i == 0 else b, params)
+    z += ring_product(kind, a, delta, params)
+    z += lay.get(row, "c")
+    return z
 
 
 @remote_function("mpc.beaver_finish")
@@ -76,16 +104,7 @@ def beaver_finish(
     twice: kept and sent)."""
     sx, sy, params = tuple(sx), tuple(sy), tuple(params)
     lay = beaver_layout(kind, sx, sy, params, trunc)
-    both = opened(msg, parts)
-    nx = 1
-    for s in sx:
-        nx *= s
-    eps = both[:nx].view(sx)
-    delta = both[nx:].view(sy)
-    a, b = lay.get(row, "a"), lay.get(row, "b")
-    z = ring_product(kind, eps, b + delta if i == 0 else b, params)
-    z += ring_product(kind, a, delta, params)
-    z += lay.get(row, "c")
+    z = product_share(i, opened(msg, parts), row, lay, kind, sx, sy, params)
     if not trunc:
         return z if addend is None else z + addend
     z += lay.get(row, "r")
@@ -134,4 +153,4 @@ def beaver_product(
     return truncation.finish(ctx, keep, send, bundles, trunc, add)
 
 
-__all__ = ["beaver_finish", "beaver_mask", "beaver_product"]
+__all__ = ["beaver_finish", "beaver_mask", "beaver_product", "mask_share", "product_share"]

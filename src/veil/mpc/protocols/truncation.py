@@ -62,16 +62,39 @@ def _mask_meta(
     return out, out
 
 
-@remote_function("mpc.trunc_mask", meta=_mask_meta)
-def trunc_mask(
-    i: int, x: torch.Tensor, scale: int, row: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Party step: ``x_i * scale + r_i`` (plus the offset on party 0), kept and sent."""
+def mask_share(i: int, x: torch.Tensor, scale: int, row: torch.Tensor, bits: int) -> torch.Tensor:
+    """Party step 2 on plain tensors: ``x_i * scale + r_i`` (plus the offset on party 0).
+
+    The truncation pair is the last three pieces of ``row`` (``r``, ``r_hi``, ``msb``).
+    """
     m = x.numel()
     r = row[row.shape[0] - 3 * m : row.shape[0] - 2 * m].view(x.shape)
     msg = (x * scale if scale != 1 else x) + r
     if i == 0:
         msg = msg + offset(bits)
+    return msg
+
+
+def finish_share(i: int, c: torch.Tensor, row: torch.Tensor, bits: int) -> torch.Tensor:
+    """Party steps 3-4 on plain tensors: this party's share of ``floor(z / 2^bits)`` from
+    the opened ``c``."""
+    m = c.numel()
+    end = row.shape[0]
+    r_hi = row[end - 2 * m : end - m].view(c.shape)
+    msb = row[end - m :].view(c.shape)
+    wrapped = ((c >= 0) & (c < (1 << 62))).to(torch.int64) * msb
+    out = wrapped * wrap(1 << (64 - bits)) - r_hi
+    if i == 0:
+        out += ((c >> bits) & wrap((1 << (64 - bits)) - 1)) - (1 << (OFFSET_BITS - bits))
+    return out
+
+
+@remote_function("mpc.trunc_mask", meta=_mask_meta)
+def trunc_mask(
+    i: int, x: torch.Tensor, scale: int, row: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Party step: ``x_i * scale + r_i`` (plus the offset on party 0), kept and sent."""
+    msg = mask_share(i, x, scale, row, bits)
     return msg, msg
 
 
@@ -89,15 +112,7 @@ def trunc_finish(
 
     The truncation pair is the last three pieces of the bundle row (``r``, ``r_hi``, ``msb``).
     """
-    c = opened(msg, parts)
-    m = c.numel()
-    end = row.shape[0]
-    r_hi = row[end - 2 * m : end - m].view(c.shape)
-    msb = row[end - m :].view(c.shape)
-    wrapped = ((c >= 0) & (c < (1 << 62))).to(torch.int64) * msb
-    out = wrapped * wrap(1 << (64 - bits)) - r_hi
-    if i == 0:
-        out = out + (((c >> bits) & wrap((1 << (64 - bits)) - 1)) - (1 << (OFFSET_BITS - bits)))
+    out = finish_share(i, opened(msg, parts), row, bits)
     if addend is not None:
         out = out + addend
     return out
@@ -129,6 +144,15 @@ def truncate(
     return finish(ctx, [m[0] for m in msgs], [m[1] for m in msgs], bundles, bits, add)
 
 
-__all__ = ["OFFSET_BITS", "finish", "offset", "trunc_finish", "trunc_mask", "truncate"]
+__all__ = [
+    "OFFSET_BITS",
+    "finish",
+    "finish_share",
+    "mask_share",
+    "offset",
+    "trunc_finish",
+    "trunc_mask",
+    "truncate",
+]
 
 _ = _runtime
