@@ -13,6 +13,7 @@ first error of a pipelined command surfaces then, naming the failing operation.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -121,16 +122,18 @@ class PointerTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        handler = _HANDLERS.get(func)
-        if handler is not None:
-            return handler(func, args, kwargs or {})
-        name = wire_name(func)
-        if name is None:
-            raise CommandNotAllowed(
-                f"{describe(func)} is not on the allow-list of operations that can run on a "
-                "worker"
-            )
-        return call(name, func, args, kwargs or {})
+        try:
+            route = _ROUTES.get(func)
+        except TypeError:  # an unhashable callable
+            route = None
+        if route is None:
+            route = _route(func)
+        kind, target = route
+        if kind is _HANDLER:
+            return target(func, args, kwargs or {})
+        if kind is _INPLACE_OP:
+            return _call_inplace(target, args, kwargs or {})
+        return run_remote(target, func, args, kwargs or {}, tracked=True)
 
     # Metadata is answered from Python attributes: these are read dozens of times per
     # optimizer step, and a property costs a fraction of a torch-function round trip.
@@ -308,6 +311,28 @@ def _inplace(name: str) -> bool:
 
 _INPLACE: dict[str, bool] = {}
 
+_HANDLER, _INPLACE_OP, _REMOTE = "handler", "inplace", "remote"
+#: torch callable -> (kind, handler or wire name): what ``__torch_function__`` does with it,
+#: decided once per callable.
+_ROUTES: dict[Any, tuple[str, Any]] = {}
+
+
+def _route(func: Any) -> tuple[str, Any]:
+    handler = _HANDLERS.get(func)
+    if handler is not None:
+        route: tuple[str, Any] = (_HANDLER, handler)
+    else:
+        name = wire_name(func)
+        if name is None:
+            raise CommandNotAllowed(
+                f"{describe(func)} is not on the allow-list of operations that can run on a "
+                "worker"
+            )
+        route = (_INPLACE_OP if _inplace(name) else _REMOTE, name)
+    with contextlib.suppress(TypeError):  # an unhashable callable is routed every time
+        _ROUTES[func] = route
+    return route
+
 
 def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     """Run the allow-listed ``func`` (wire name ``name``) where its pointer arguments live."""
@@ -330,7 +355,7 @@ def run_remote(name: str, shape_fn: Any, args: Any, kwargs: dict[str, Any],
     """
     w = _Walk(name)
     w.location = location
-    wargs = tuple(_wire(a, w) for a in args)
+    wargs = tuple([_wire(a, w) for a in args])
     wkwargs = {}
     for k, v in kwargs.items():
         w.key.append(k)
@@ -375,7 +400,12 @@ def _call_inplace(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
         else:
             break
     else:
-        if loc is not None and all(type(v) in _SIMPLE for v in kwargs.values()):
+        simple = True
+        for v in kwargs.values():
+            if type(v) not in _SIMPLE:
+                simple = False
+                break
+        if loc is not None and simple:
             loc._run(name, tuple(wargs), kwargs, None)
             if torch.is_grad_enabled():
                 _inplace_deps(args, kwargs)

@@ -206,11 +206,18 @@ class WorkerNode:
         return obj
 
     def _delete(self, msg: DeleteObjects, session: Session) -> None:
-        for oid in msg.ids:
-            if self.store.infos.get(oid) is not None and oid not in session.created:
+        self.delete_ids(msg.ids, session)
+
+    def delete_ids(self, ids: Any, session: Session) -> None:
+        """Delete objects for ``session`` (the in-process fast path of a DeleteObjects)."""
+        store = self.store
+        infos = store.infos
+        created = session.created
+        for oid in ids:
+            if infos and infos.get(oid) is not None and oid not in created:
                 continue  # hosted data is the worker's own; clients cannot delete it
-            self.store.delete(oid)
-            session.created.discard(oid)
+            store.delete(oid)
+            created.discard(oid)
 
     def _search(self, msg: SearchObjects, session: Session) -> list[list[Any]]:
         out = []
@@ -285,10 +292,14 @@ class WorkerNode:
         args = []
         for a in wargs:
             t = type(a)
-            if t is Ref:
+            if t is Ref or t is GradRef:
                 obj = objects.get(a.id)
                 if obj is None or (private and a.id in private):
                     obj = self._resolve_one(a, perms)
+                elif t is GradRef:
+                    if not isinstance(obj, torch.Tensor):
+                        raise TypeError("only tensors have a .grad")
+                    obj = obj.grad
                 args.append(obj)
             elif t in _PLAIN:
                 args.append(a)

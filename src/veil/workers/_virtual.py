@@ -73,6 +73,18 @@ class VirtualWorker(Worker):
             self.node.handle(msg, self._session)
         self._maybe_flush_gc()
 
+    def _flush_gc(self) -> None:
+        if self.serialize or not self._gc:
+            super()._flush_gc()
+            return
+        # In process: the deletes run now, without building a message (same rules).
+        pending, self._gc = self._gc, []
+        if self._grad_clears:
+            self._flush_grad_clears()
+        self.messages += 1
+        if self._session.error is None:
+            self.node.delete_ids(pending, self._session)
+
     def _run(self, op: str, args: Any, kwargs: dict[str, Any], result_ids: Any) -> None:
         if self.serialize:
             super()._run(op, args, kwargs, result_ids)
