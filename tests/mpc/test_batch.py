@@ -91,9 +91,11 @@ def test_optimizer_step_truncates_all_parameters_in_one_round():
 
 
 def test_plans_are_checked_by_the_parties():
-    assert batch.parse_plan(batch.plan_text((("t", (2,), 16, 1),))) == (("t", (2,), 16, 1),)
-    for bad in ("", "[]", "{}", '[["x"]]', '[["b", 1]]', '[["t", [2]]]', "not json"):
+    specs = (("t", (2,), 16, 1, False), ("t", (2, 3), 16, 1, True))
+    assert batch.parse_plan(batch.plan_text(specs)) == specs
+    bad_plans = ("", "[]", "{}", '[["x"]]', '[["b", 1]]', '[["t", [2]]]', "not json")
+    for bad in (*bad_plans, '[["t", [2], 16, 1, true]]'):
         with pytest.raises(veil.ProtocolError):
             batch.parse_plan(bad)
     with pytest.raises(veil.ProtocolError):
-        batch.batch_mask(0, batch.plan_text((("t", (2,), 16, 1),)), torch.zeros(2))
+        batch.batch_mask(0, batch.plan_text((("t", (2,), 16, 1, False),)), torch.zeros(2))

@@ -211,7 +211,9 @@ def truncate(a: Any, bits: int, scale: int = 1, plus: Any = None) -> Any:
         out = mul_int(a, scale) if scale != 1 else a
         return out if plus is None else add(out, plus)
     if type(a) is AST:
-        op = batch.queue_truncation(a.ctx, a.shares, bits, scale, _addend(plus, a.ctx))
+        flip = a.transposed  # the parties transpose in the truncation's last step
+        shares = a.raw_shares if flip else a.shares
+        op = batch.queue_truncation(a.ctx, shares, bits, scale, _addend(plus, a.ctx), flip)
         return AST.deferred(op, a.ctx)
     z = mul_int(a, scale) if scale != 1 else a
     z = (z + (1 << (bits - 1))) >> bits

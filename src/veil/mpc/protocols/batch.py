@@ -11,7 +11,8 @@ each, and each party runs one command per round for all of them.
 
 Protocol ``flush`` for operations ``op_1 .. op_k`` (Beaver products ``x * y`` / ``x @ y`` /
 convolutions, optionally truncated and plus an addend; truncations ``x * s / 2^t`` plus an
-addend), ``n`` parties, each operation with its own dealer material (a Beaver triple, with
+addend, whose 2-D input may be lazily transposed: the parties transpose the result in their
+last step), ``n`` parties, each operation with its own dealer material (a Beaver triple, with
 a truncation pair if it truncates; a truncation pair), drawn when it was queued:
 
 1. Each party ``i``, one command (:func:`batch_mask`): for every op, the message it would
@@ -105,15 +106,25 @@ def queue_product(
 
 
 def queue_truncation(
-    ctx: Context, xs: list[Any], bits: int, scale: int, add: list[Any] | None
+    ctx: Context,
+    xs: list[Any],
+    bits: int,
+    scale: int,
+    add: list[Any] | None,
+    transposed: bool = False,
 ) -> Op:
-    """Queue shares of ``x * scale / 2^bits`` (stochastic rounding), plus ``add[i]``."""
+    """Queue shares of ``x * scale / 2^bits`` (stochastic rounding), plus ``add[i]``.
+
+    ``transposed``: ``xs`` hold the 2-D transpose of ``x`` (a lazy transposition, applied
+    by the parties in their last step instead of in a command of its own).
+    """
     shape = tuple(xs[0].shape)
     lay = trunc_layout(shape)
     bundles = material(ctx, "truncation", deal_trunc, (shape, bits), lay.total)
     add = _addends(add, ctx.n)
     items = [(xs[i], bundles[i], add[i]) for i in range(ctx.n)]
-    op = Op(("t", shape, bits, int(scale)), items, shape)
+    out = (shape[1], shape[0]) if transposed else shape
+    op = Op(("t", shape, bits, int(scale), bool(transposed)), items, out)
     ctx.pending.append(op)
     return op
 
@@ -157,7 +168,7 @@ def parse_plan(plan: str) -> tuple[tuple[Any, ...], ...]:
             raise ProtocolError(f"unknown batched operation {spec!r}")
         if spec[0] == "b" and (len(spec) != 6 or not isinstance(spec[1], str)):
             raise ProtocolError(f"malformed product spec {spec!r}")
-        if spec[0] == "t" and len(spec) != 4:
+        if spec[0] == "t" and (len(spec) != 5 or (spec[4] and len(spec[1]) != 2)):
             raise ProtocolError(f"malformed truncation spec {spec!r}")
     return specs
 
@@ -218,7 +229,7 @@ def _open_meta(
                 second += _numel(shape)
                 continue
         else:
-            shape = spec[1]
+            shape = (spec[1][1], spec[1][0]) if spec[4] else spec[1]
         outs.append(torch.empty(shape, dtype=torch.int64, device="meta"))
     if second:
         m = torch.empty(second, dtype=torch.int64, device="meta")
@@ -253,6 +264,8 @@ def batch_open(
                 continue
         else:
             z = truncation.finish_share(i, piece.view(spec[1]), item[1], spec[2])
+            if spec[4]:
+                z = z.t()
         add = item[-1]
         outs.append(z if add is None else z + add)
     if second:
