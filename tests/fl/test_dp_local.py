@@ -99,3 +99,57 @@ def test_private_fedavg_checks_its_arguments():
         fl.private_fedavg(fl.mlp([3, 1]), ds, **kw)
     with pytest.raises(ValueError, match="positive"):
         fl.private_fedavg(fl.mlp([3, 1]), ds, target_epsilon=1.0, **{**kw, "rounds": 0})
+
+
+def test_adam_on_a_public_target_range_is_adam_on_the_mapped_targets():
+    """sigma 0, q = 1, no clipping: DP-Adam on (y - c) / s is Adam on the scaled model, and
+    the parameters come back as those of the model that predicts y."""
+    x, y = data()
+    y = 30 + 10 * y
+    torch.manual_seed(0)
+    model = fl.mlp([3, 4, 1])
+    start = flat(model)
+    params, _ = fl.dp_sgd_mlp(x, y, start, [3, 4, 1], 4, 20, 0.01, 0.02, 1e6, 0.0, 1e-5,
+                              optimizer="adam", target_center=30.0, target_scale=10.0)
+    with torch.no_grad():
+        model[2].weight.div_(10.0)
+        model[2].bias.sub_(30.0).div_(10.0)
+    opt = torch.optim.Adam([{"params": model[2].parameters(), "lr": 0.02},
+                            {"params": model[0].parameters(), "lr": 0.01}])
+    for _ in range(4):
+        opt.zero_grad()
+        F.mse_loss(model(x), (y - 30.0) / 10.0).backward()
+        opt.step()
+    with torch.no_grad():
+        model[2].weight.mul_(10.0)
+        model[2].bias.mul_(10.0).add_(30.0)
+    assert torch.allclose(params, flat(model), atol=1e-5)
+
+
+def test_dp_sgd_mlp_checks_optimizer_and_target_range():
+    x, y = data()
+    p = flat(fl.mlp([3, 4, 1]))
+    args = (x, y, p, [3, 4, 1], 1, 8, 0.1, 0.1, 1.0, 1.0, 1e-5)
+    with pytest.raises(ValueError, match="optimizer"):
+        fl.dp_sgd_mlp(*args, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="target_scale"):
+        fl.dp_sgd_mlp(*args, target_scale=0.0)
+    with pytest.raises(ValueError, match="target_scale"):
+        fl.dp_sgd_mlp(*args, target_center=float("nan"))
+    with pytest.raises(ValueError, match="mse"):
+        fl.dp_sgd_mlp(*args, loss="bce_with_logits", target_scale=2.0)
+
+
+def test_private_fedavg_with_a_seed_is_reproducible():
+    x, y = data(41)
+
+    def once() -> torch.Tensor:
+        ds = fl.federate(x, y, [veil.VirtualWorker("alice"), veil.VirtualWorker("bob")])
+        torch.manual_seed(0)
+        model = fl.mlp([3, 8, 1])
+        fl.private_fedavg(model, ds, rounds=2, local_epochs=1, batch_size=5, lr_hidden=0.01,
+                          lr_output=0.01, max_grad_norm=1.0, delta=1e-5, target_epsilon=1.0,
+                          optimizer="adam", target_center=0.0, target_scale=3.0, seed=7)
+        return flat(model)
+
+    assert torch.equal(once(), once())

@@ -38,6 +38,11 @@ _LOSSES: dict[str, Callable[..., Tensor]] = {
     "bce_with_logits": F.binary_cross_entropy_with_logits,
 }
 
+_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+}
+
 
 def mlp(widths: Sequence[int]) -> nn.Sequential:
     """``Linear(widths[0], widths[1]), ReLU, ..., Linear(widths[-2], widths[-1])``."""
@@ -61,14 +66,24 @@ def _dp_meta(x: Tensor, y: Tensor, params: Tensor, *args: Any, **kwargs: Any
 def dp_sgd_mlp(x: Tensor, y: Tensor, params: Tensor, widths: Sequence[int], epochs: int,
                batch_size: int, lr_hidden: float, lr_output: float, max_grad_norm: float,
                noise_multiplier: float, delta: float, loss: str = "mse", ema: float = 0.0,
-               seed: int | None = None) -> tuple[Tensor, Tensor]:
+               seed: int | None = None, optimizer: str = "sgd", target_center: float = 0.0,
+               target_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """DP-SGD on ``(x, y)`` for an MLP of ``widths`` starting from the flat ``params``.
 
     Poisson batches of expected size ``batch_size``, per-example clipping to
     ``max_grad_norm``, Gaussian noise of ``noise_multiplier * max_grad_norm`` (see
-    :class:`veil.dp.PrivacyEngine`); SGD with ``lr_output`` on the last layer and
-    ``lr_hidden`` on the others. With ``ema > 0`` the returned parameters are the exponential
-    moving average of the iterates (decay ``ema``), post-processing that costs no privacy.
+    :class:`veil.dp.PrivacyEngine`); ``optimizer`` ``"sgd"`` or ``"adam"`` (DP-Adam: the same
+    private gradient fed to Adam, whose per-parameter steps adapt to the noise level) with
+    ``lr_output`` on the last layer and ``lr_hidden`` on the others. With ``ema > 0`` the
+    returned parameters are the exponential moving average of the iterates (decay ``ema``),
+    post-processing that costs no privacy.
+
+    ``target_center`` and ``target_scale`` describe a *public* range of the targets (for MSE):
+    the model is trained to fit ``(y - target_center) / target_scale`` (its last layer is
+    rescaled on entry and scaled back on return, so ``params`` in and out are those of the
+    model that predicts ``y`` itself). Clipped, noisy steps are small, so targets of order 20
+    are out of reach from an output near 0 without it. The map must not come from the data
+    (it would cost privacy): take it from the targets' documented range.
 
     Returns:
         The trained flat parameters, and a float64 tensor ``[epsilon at delta, steps]`` of
@@ -78,6 +93,15 @@ def dp_sgd_mlp(x: Tensor, y: Tensor, params: Tensor, widths: Sequence[int], epoc
         raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
+    if loss != "mse" and (target_center, target_scale) != (0.0, 1.0):
+        raise ValueError(f"a target range (target_center, target_scale) is for loss 'mse', "
+                         f"not {loss!r}")
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
+    if not (math.isfinite(target_center) and math.isfinite(target_scale)
+            and target_scale > 0):
+        raise ValueError("target_center must be finite and target_scale finite and positive, "
+                         f"got {target_center} and {target_scale}")
     model = mlp(list(widths))
     n_params = sum(p.numel() for p in model.parameters())
     if params.dim() != 1 or params.numel() != n_params:
@@ -85,14 +109,17 @@ def dp_sgd_mlp(x: Tensor, y: Tensor, params: Tensor, widths: Sequence[int], epoc
                          f"got a tensor of shape {tuple(params.shape)}")
     torch.nn.utils.vector_to_parameters(params.detach().float().clone(), model.parameters())
     layers = [m for m in model if isinstance(m, nn.Linear)]
+    last = layers[-1]
+    with torch.no_grad():  # the model now predicts (y - center) / scale
+        last.weight.div_(target_scale)
+        last.bias.sub_(target_center).div_(target_scale)
     hidden = [p for layer in layers[:-1] for p in layer.parameters()]
-    groups = [{"params": list(layers[-1].parameters()), "lr": lr_output}]
+    groups = [{"params": list(last.parameters()), "lr": lr_output}]
     if hidden:
         groups.append({"params": hidden, "lr": lr_hidden})
-    optimizer = torch.optim.SGD(groups, lr=lr_output)
     engine = PrivacyEngine(seed=seed)
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer,
+    model, private_optimizer, loader = engine.make_private(
+        module=model, optimizer=_OPTIMIZERS[optimizer](groups, lr=lr_output),
         data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm)
     loss_fn = _LOSSES[loss]
@@ -100,16 +127,19 @@ def dp_sgd_mlp(x: Tensor, y: Tensor, params: Tensor, widths: Sequence[int], epoc
     try:
         for _ in range(epochs):
             for xb, yb in loader:
-                optimizer.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                optimizer.step()
+                private_optimizer.zero_grad()
+                loss_fn(model(xb), (yb - target_center) / target_scale).backward()
+                private_optimizer.step()
                 if ema > 0:
                     with torch.no_grad():
                         for a, p in zip(average, model.parameters()):
                             a.lerp_(p, 1.0 - ema)
     finally:
         engine.detach()
-    out = average if ema > 0 else [p.detach() for p in model.parameters()]
+    out = average if ema > 0 else [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():  # back to the model that predicts y (weight, bias of the last layer)
+        out[-2].mul_(target_scale)
+        out[-1].mul_(target_scale).add_(target_center)
     spent = torch.tensor([engine.get_epsilon(delta), float(engine.steps)], dtype=torch.float64)
     return torch.nn.utils.parameters_to_vector(out).to(params.dtype), spent
 
@@ -137,7 +167,9 @@ def private_fedavg(model: nn.Sequential, dataset: FederatedDataset, *, rounds: i
                    local_epochs: int, batch_size: int, lr_hidden: float, lr_output: float,
                    max_grad_norm: float, delta: float, target_epsilon: float | None = None,
                    noise_multiplier: float | None = None, loss: str = "mse",
-                   ema: float = 0.0, accountant: Accountant = "rdp",
+                   ema: float = 0.0, accountant: Accountant = "rdp", optimizer: str = "sgd",
+                   target_center: float = 0.0, target_scale: float = 1.0,
+                   seed: int | None = None,
                    on_round: Callable[[int, nn.Module], None] | None = None
                    ) -> PrivateFedAvgResult:
     """FedAvg whose clients run DP-SGD on their own workers (:func:`dp_sgd_mlp`).
@@ -148,7 +180,10 @@ def private_fedavg(model: nn.Sequential, dataset: FederatedDataset, *, rounds: i
     :func:`mlp` (Linear layers with ReLU between them); it is updated in place.
 
     Give ``target_epsilon`` (sigma is calibrated so that each worker's whole run spends at
-    most that, at ``delta``) or ``noise_multiplier``.
+    most that, at ``delta``) or ``noise_multiplier``. ``optimizer``, ``target_center`` and
+    ``target_scale`` are passed to :func:`dp_sgd_mlp` (a fresh optimizer every round).
+    ``seed`` makes the noise and the batches reproducible (each call gets its own seed derived
+    from it, the round and the worker); ``None`` seeds every call from the OS.
     """
     widths = _widths(model)
     if rounds < 1 or local_epochs < 1 or batch_size < 1:
@@ -172,8 +207,9 @@ def private_fedavg(model: nn.Sequential, dataset: FederatedDataset, *, rounds: i
         flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
         calls = [(part, dp_sgd_mlp(part.data, part.targets, flat, widths, local_epochs,
                                    batch_size, lr_hidden, lr_output, max_grad_norm, sigma,
-                                   delta, loss, ema))
-                 for part in dataset.parts]
+                                   delta, loss, ema, _call_seed(seed, rnd, k, len(sizes)),
+                                   optimizer, target_center, target_scale))
+                 for k, part in enumerate(dataset.parts)]
         new = torch.zeros_like(flat, dtype=torch.float64)
         for part, (params, spent) in calls:
             new += params.get().double() * (len(part) / total)
@@ -186,6 +222,11 @@ def private_fedavg(model: nn.Sequential, dataset: FederatedDataset, *, rounds: i
         compute_epsilon(sigma, plan[name][0], steps, delta, accountant) if steps else 0.0
         for name, steps in result.steps.items())
     return result
+
+
+def _call_seed(seed: int | None, rnd: int, worker: int, workers: int) -> int | None:
+    """A distinct seed for each (round, worker) call, or None to seed from the OS."""
+    return None if seed is None else seed * 1_000_003 + rnd * workers + worker
 
 
 def _widths(model: nn.Module) -> list[int]:
