@@ -186,21 +186,22 @@ class _Broken(veil.VirtualWorker):
         return super()._send_request(msg)
 
 
-def test_dropped_worker_is_reported_and_round_completes():
+@pytest.mark.parametrize("fused", [True, False])
+def test_dropped_worker_is_reported_and_round_completes(fused):
     alice, bob = veil.VirtualWorker("alice"), veil.VirtualWorker("bob")
     carol = _Broken("carol", ok=10**9)
     data = veil.datasets.boston()
     ds = fl.federate(data.x_train[:90], data.y_train[:90], [alice, bob, carol])
-    carol.ok = 5
-    hist = fl.fedavg(mlp(), ds, rounds=1, min_workers=2)
+    carol.ok = 2  # the model arrives, carol starts training, and is gone before the update
+    hist = fl.fedavg(mlp(), ds, rounds=1, min_workers=2, fused=fused)
     assert hist.rounds[0].workers == ["alice", "bob"]
     assert "carol" in hist.rounds[0].dropped
     assert "went away" in hist.rounds[0].dropped["carol"]
     bob2, carol2 = _Broken("bob", ok=10**9), _Broken("carol", ok=10**9)
     ds2 = fl.federate(data.x_train[:90], data.y_train[:90], [alice, bob2, carol2])
-    bob2.ok = carol2.ok = 3
+    bob2.ok = carol2.ok = 2
     with pytest.raises(fl.NotEnoughWorkers, match="1 of 3"):
-        fl.fedavg(mlp(), ds2, rounds=1, min_workers=2)
+        fl.fedavg(mlp(), ds2, rounds=1, min_workers=2, fused=fused)
 
 
 def test_checkpoint_resume_loses_nothing(tmp_path):

@@ -13,11 +13,13 @@ from veil.fl._checkpoint import load_checkpoint, save_checkpoint
 from veil.fl._data import FederatedDataLoader, FederatedDataset, WorkerData, federate
 from veil.fl._dp import DPFedAvg
 from veil.fl._dp_local import PrivateFedAvgResult, dp_sgd_mlp, mlp, private_fedavg
+from veil.fl._local import LOSSES, local_sgd
 from veil.fl._secure_agg import secure_sum
 from veil.fl._strategy import ClientUpdate, FedAvg, SecureFedAvg, Strategy
 from veil.fl._train import FedHistory, NotEnoughWorkers, RoundReport, fedavg, train_sequential
 
 __all__ = [
+    "LOSSES",
     "ClientUpdate",
     "DPFedAvg",
     "FedAvg",
@@ -34,6 +36,7 @@ __all__ = [
     "fedavg",
     "federate",
     "load_checkpoint",
+    "local_sgd",
     "mlp",
     "private_fedavg",
     "save_checkpoint",

@@ -146,6 +146,14 @@ class FederatedDataLoader:
                                     for i in range(0, n, b)]
             yield from self._cache[key]
 
+    def epoch_orders(self, part: WorkerData, epochs: int) -> torch.Tensor | None:
+        """The row orders of ``epochs`` epochs of one worker (None: rows in order), drawn
+        as :meth:`batches` would draw them, for training that runs on the worker."""
+        if not self.shuffle:
+            return None
+        return torch.stack([torch.randperm(len(part), generator=self._gen)
+                            for _ in range(epochs)])
+
     def __iter__(self) -> Iterator[tuple[PointerTensor, PointerTensor]]:
         for part in self.dataset.parts:
             yield from self.batches(part)

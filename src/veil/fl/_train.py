@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from veil._errors import ProtocolError, VeilError
+from veil.fl import _local
 from veil.fl._checkpoint import load_checkpoint, save_checkpoint
 from veil.fl._data import FederatedDataLoader, FederatedDataset, WorkerData
 from veil.fl._strategy import ClientUpdate, FedAvg, Strategy
@@ -87,15 +88,31 @@ def _check_positive(**values: float) -> None:
 
 def _client_round(global_model: nn.Module, part: WorkerData, loader: FederatedDataLoader,
                   local_epochs: int, lr: float, momentum: float, prox_mu: float,
-                  loss_fn: LossFn) -> ClientUpdate:
-    """Train a copy of the global model on one worker; leave its flat update there."""
+                  loss_fn: LossFn, fused: bool, orders: torch.Tensor | None) -> ClientUpdate:
+    """Train a copy of the global model on one worker; leave its flat update there.
+
+    ``orders``: the row order of each local epoch (None: rows in order), drawn beforehand
+    so that concurrent workers do not race for the shuffling generator.
+    """
     local = copy.deepcopy(global_model).send(part.worker)
+    if fused and _local.can_train_remotely(local, loss_fn, part.data, part.targets):
+        update = _local.train_remotely(local, part.data, part.targets, orders, local_epochs,
+                                       loader.batch_size, lr, momentum, prox_mu,
+                                       _local.loss_name(loss_fn))
+        part.worker.flush()  # a worker that failed or left is dropped here, not mid-aggregation
+        return ClientUpdate(part.worker, len(part), update)
     params = list(local.parameters())
     with torch.no_grad():
         start = [p.copy() for p in params]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    for _ in range(local_epochs):
-        for xb, yb in loader.batches(part):
+    b = loader.batch_size
+    for epoch in range(local_epochs):
+        if orders is None:
+            batches: Any = loader.batches(part)
+        else:
+            batches = ((part.data[idx], part.targets[idx])
+                       for idx in orders[epoch].split(b))
+        for xb, yb in batches:
             opt.zero_grad()
             loss = loss_fn(local(xb), yb)
             if prox_mu > 0:  # FedProx: keep the local model near the round's start
@@ -105,6 +122,7 @@ def _client_round(global_model: nn.Module, part: WorkerData, loader: FederatedDa
             opt.step()
     with torch.no_grad():
         update = torch.cat([(p - s).reshape(-1) for p, s in zip(params, start)])
+    part.worker.flush()  # a worker that failed or left is dropped here, not mid-aggregation
     return ClientUpdate(part.worker, len(part), update)
 
 
@@ -114,7 +132,8 @@ def fedavg(model: nn.Module, dataset: FederatedDataset, *, rounds: int = 10,
            strategy: Strategy | None = None, min_workers: int = 1, shuffle: bool = False,
            seed: int | None = 0, checkpoint: str | os.PathLike[str] | None = None,
            parallel: bool | None = None, progress: bool = False,
-           on_round: Callable[[RoundReport, nn.Module], None] | None = None) -> FedHistory:
+           on_round: Callable[[RoundReport, nn.Module], None] | None = None,
+           fused: bool = True) -> FedHistory:
     """Federated averaging: each round, every worker trains a copy of ``model`` on its own
     data and the strategy combines the updates (weighted by sample counts) into ``model``.
 
@@ -134,6 +153,11 @@ def fedavg(model: nn.Module, dataset: FederatedDataset, *, rounds: int = 10,
             in-process).
         progress: show a progress bar.
         on_round: called after each round with its report and the model.
+        fused: when the model is made of allow-listed layers and ``loss_fn`` is a torch
+            loss that workers know (``veil.fl.LOSSES``), each worker runs its round's SGD
+            as one command (:func:`veil.fl.local_sgd`): the same operations, so the same
+            result, without a message per batch. ``False`` drives every batch through
+            pointers.
     """
     _check_positive(rounds=rounds, local_epochs=local_epochs, lr=lr)
     if prox_mu < 0 or momentum < 0:
@@ -163,9 +187,11 @@ def fedavg(model: nn.Module, dataset: FederatedDataset, *, rounds: int = 10,
         for rnd in range(first, rounds + 1):
             t0 = time.perf_counter()
 
-            def run(part: WorkerData) -> ClientUpdate:
+            orders = {id(p): loader.epoch_orders(p, local_epochs) for p in dataset.parts}
+
+            def run(part: WorkerData, orders: dict[int, Any] = orders) -> ClientUpdate:
                 return _client_round(model, part, loader, local_epochs, lr, momentum,
-                                     prox_mu, loss_fn)
+                                     prox_mu, loss_fn, fused, orders[id(part)])
 
             updates: list[ClientUpdate] = []
             dropped: dict[str, str] = {}

@@ -167,8 +167,19 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
 OPS, _NAMES = _build()
 
 
-def register_function(name: str, fn: Callable[..., Any]) -> None:
+#: Wire name -> positions of arguments whose permissions the result does not inherit.
+TRAINING_DATA: dict[str, frozenset[int]] = {}
+
+
+def register_function(name: str, fn: Callable[..., Any], *,
+                      training_data: tuple[int, ...] = ()) -> None:
     """Put veil's own function ``fn`` on the allow-list under the wire name ``name``.
+
+    ``training_data``: positions of arguments that ``fn`` only trains a model on, through
+    autograd. Like autograd's writes to ``.grad`` everywhere in veil, what the model learns
+    from them does not carry their owner's restriction (so a model trained where private
+    data lives can come home; differential privacy bounds what it reveals). Every other
+    argument's restriction passes to the result as usual.
 
     Raises:
         ValueError: ``name`` is already taken by a different function.
@@ -178,6 +189,8 @@ def register_function(name: str, fn: Callable[..., Any]) -> None:
         raise ValueError(f"operation name {name!r} is already registered")
     OPS[name] = fn
     _NAMES[fn] = name
+    if training_data:
+        TRAINING_DATA[name] = frozenset(training_data)
 
 
 def wire_name(func: Any) -> str | None:

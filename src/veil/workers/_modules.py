@@ -137,6 +137,11 @@ def build(spec: Any, depth: int = 0) -> nn.Module:
     return module
 
 
+def is_allow_listed(module: Any) -> bool:
+    """Whether ``module`` and everything in it are of allow-listed layer classes."""
+    return isinstance(module, nn.Module) and all(type(m) in _SPECS for m in module.modules())
+
+
 def module_call(module: Any, training: bool, *inputs: Any) -> Any:
     """Run a stored module's forward pass (the remote side of a whole-module call)."""
     if not isinstance(module, nn.Module) or type(module) not in _SPECS:

@@ -25,7 +25,7 @@ from veil._errors import (
 )
 from veil.serde import GradRef, Ref
 from veil.workers import _modules
-from veil.workers._allowlist import OPS, lookup, register_function
+from veil.workers._allowlist import OPS, TRAINING_DATA, lookup, register_function
 from veil.workers._messages import (
     Batch,
     DeleteObjects,
@@ -289,7 +289,13 @@ class WorkerNode:
         perms: list[Permission | None] = [None]
         objects = self.store.objects
         private = self.store.perms
-        args = []
+        if op in TRAINING_DATA:
+            untracked = TRAINING_DATA[op]
+            args = [self._resolve_one(a, [None] if i in untracked else perms)
+                    for i, a in enumerate(wargs)]
+            wargs = ()
+        else:
+            args = []
         for a in wargs:
             t = type(a)
             if t is Ref or t is GradRef:
