@@ -251,17 +251,13 @@ def sign_layout(numel: int, relu: bool) -> Layout:
     parties skip the first level of the carry tree), then per tree level ``L`` (whose words
     hold ``2^L`` values each, ``N / 2^L`` words) one AND triple with a shared first operand:
     ``a`` (one row), ``b`` and ``c = a & b`` (two rows, one for ``G`` and one for ``P``; one
-    row at the last level), and ``rho`` again, packed 32 values a word. The last level's
-    AND triple is also dealt in arithmetic form, one bit per value (``and_a``, ``and_b``,
-    ``and_c = and_a * and_b``; with ``relu`` also times ``alpha``), so that the parties
-    finish the last level directly in arithmetic shares.
+    row at the last level), and ``rho`` again, packed 32 values a word.
     """
     n = (numel,)
     words = packed_len(numel)
-    arith = [("r", n), ("R", n), ("msb", n), ("rho_a", n), ("and_a", n), ("and_b", n), ("and_c", n)]
+    arith = [("r", n), ("R", n), ("msb", n), ("rho_a", n)]
     if relu:
         arith += [("alpha", n), ("alpha_R", n), ("alpha_msb", n), ("alpha_rho", n)]
-        arith += [("alpha_and_a", n), ("alpha_and_b", n), ("alpha_and_c", n)]
     xor: list[tuple[str, Shape]] = [("rp", (words,)), ("m", (words,))]
     for level in range(1, AND_LEVELS + 1):
         rows = 2 if level < AND_LEVELS else 1
@@ -294,13 +290,6 @@ def _sign_values(lay: Layout, flat: torch.Tensor, numel: int, relu: bool) -> Non
     torch.bitwise_and(rp, rp >> 1, out=p["m"])
     for level in range(1, AND_LEVELS + 1):
         torch.bitwise_and(p[f"b{level}"], p[f"a{level}"], out=p[f"c{level}"])
-    last = AND_LEVELS
-    p["and_a"].copy_(unpack_bits(p[f"a{last}"], numel))
-    p["and_b"].copy_(unpack_bits(p[f"b{last}"][0], numel))
-    torch.mul(p["and_a"], p["and_b"], out=p["and_c"])
-    if relu:
-        for name in ("and_a", "and_b", "and_c"):
-            torch.mul(p["alpha"], p[name], out=p[f"alpha_{name}"])
     bits = torch.zeros(packed_len(numel), dtype=torch.int64)
     bits[:numel] = rho
     p["rho_x"].copy_(pack_bits(bits))

@@ -23,23 +23,16 @@ Protocol ``sign(x)`` for ``|x| < 2^62`` (ring units), giving shares of ``[x >= 0
    shuffle of XOR shares): the words, triples and messages halve at every level (about
    ``1.9`` words per value in all instead of ``9``). Lanes a value does not need are
    garbage by design and never leave a party unmasked.
-4. **Last level in arithmetic form.** The last level's ``G = G_hi ^ (P_hi & G_lo)`` is
-   finished directly as an arithmetic share of ``b``: the two terms are never both 1 (if
-   the high block is equal it decides nothing), so ``b = G_hi + P_hi * G_lo`` over the
-   integers. In the round of that level's AND the parties open, besides ``d = P_hi ^ a``
-   and ``e = G_lo ^ b'``, also ``f = G_hi ^ rho`` for a random bit ``rho`` dealt in both
-   forms (the 32 result lanes of each word only); then ``[G_hi] = f + [rho] - 2f[rho]``
-   and, with the AND triple also dealt as arithmetic bits ``[a], [b'], [a b']``,
-   ``[P_hi G_lo] = d e + d (1 - 2e) [b'] + e (1 - 2d) [a] + (1 - 2d)(1 - 2e) [a b']``
-   (the public term on party 0 only).
+4. **Bit to arithmetic.** With a random bit ``rho`` dealt in both forms (the XOR form
+   packed like the last level), the parties open ``e = b ^ rho`` (the 32 result lanes of
+   each word only) and take ``[b] = e + [rho] - 2e[rho]``.
 
 ``relu(x) = x * [x >= 0]`` costs no extra round: in step 1 the parties also open
 ``eps = x - alpha`` for a dealer mask ``alpha``; the provider also dealt ``alpha * R``,
 ``alpha * msb(r)`` and ``alpha * rho``, so every product of ``x`` with a dealer value is
-``eps * v + alpha * v``, and the products with public values are local (the provider also
-deals ``alpha`` times ``a``, ``b'`` and ``a b'`` of step 4).
+``eps * v + alpha * v``, and the products with public values are local.
 
-Exact (no approximation, no failure probability) for ``|x| < 2^62``. Six rounds. The
+Exact (no approximation, no failure probability) for ``|x| < 2^62``. Seven rounds. The
 provider sees nothing; the parties see only uniformly masked values. Security model: see
 :mod:`veil.mpc.provider`.
 """
@@ -193,9 +186,25 @@ def sign_tree_level(
     lay = sign_layout(numel, relu)
     z = _and_finish(i, lay, row, level - 1, state, msg, parts)
     state, out = _and_masks(lay, row, level, _pack(z, level))
-    if level == AND_LEVELS:  # also G_hi ^ rho, in the 32 result lanes only (step 4)
-        out = torch.cat((out, (state ^ lay.get(row, "rho_x")) & _LOW32))
     return state, out, out
+
+
+@remote_function("mpc.sign_to_arith")
+def sign_to_arith(
+    i: int,
+    state: torch.Tensor,
+    msg: torch.Tensor,
+    parts: tuple[torch.Tensor, ...],
+    row: torch.Tensor,
+    numel: int,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finish the last AND; send ``b ^ rho`` (the 32 result lanes of each packed word; the
+    other lanes are never sent)."""
+    lay = sign_layout(numel, relu)
+    z = _and_finish(i, lay, row, AND_LEVELS, state, msg, parts)
+    out = (z[0] ^ lay.get(row, "rho_x")) & _LOW32
+    return out, out
 
 
 @remote_function("mpc.sign_finish")
@@ -208,39 +217,28 @@ def sign_finish(
     row: torch.Tensor,
     relu: bool,
 ) -> Any:
-    """Last step: shares of ``[x >= 0]`` (and of ``relu(x)``), shaped like ``x``, from the
-    opened ``d``, ``e``, ``f`` of the last tree level (step 4)."""
+    """Last step: shares of ``[x >= 0]`` (and of ``relu(x)``), shaped like ``x``."""
     numel = x.numel()
     lay = sign_layout(numel, relu)
-    opened_bits = opened(msg, parts, xor=True).view(3, -1)
-    d, e, f = (unpack_bits(w, numel) for w in opened_bits)
+    e = unpack_bits(opened(msg, parts, xor=True), numel)
     c = public[:numel]
     w4 = (c >= 0).to(torch.int64) << 2  # 4 * [c < 2^63 as an unsigned number]
-    de = d * e
-    # b = pub + sum_k coef_k * [v_k] for the dealer bits v_k (step 4)
-    pub = f + de
-    coefs = (
-        ("rho", 1 - 2 * f),
-        ("and_b", d - 2 * de),
-        ("and_a", e - 2 * de),
-        ("and_c", 1 - 2 * (d + e) + 4 * de),
-    )
-    names = {"rho": "rho_a", "and_a": "and_a", "and_b": "and_b", "and_c": "and_c"}
-    big_r, msb = lay.get(row, "R"), lay.get(row, "msb")
+    ce = (c >> 62) & 3  # public C - e
+    ce -= e
+    big_r, msb, rho = lay.get(row, "R"), lay.get(row, "msb"), lay.get(row, "rho_a")
+    flip = e * -2
+    flip += 1  # 1 - 2e
     s = w4 * msb
     s -= big_r
-    for name, coef in coefs:
-        s -= coef * lay.get(row, names[name])
-    cpub = (c >> 62) & 3  # public C - (public part of b)
-    cpub -= pub
+    s -= rho * flip
     if i == 0:
-        s += cpub
+        s += ce
     if not relu:
         return s.view(x.shape)
-    # relu(x) = x * s: products of x with public values are local, and each product with a
-    # dealer value v is eps * v + [alpha * v].
+    # relu(x) = (C - e) x - x R + 4 w x msb - (1 - 2e) x rho, each product x * v with a
+    # dealer value v as eps * v + [alpha * v].
     eps = public[numel:]
-    y = cpub * x.reshape(-1)
+    y = ce * x.reshape(-1)
     t = eps * msb
     t += lay.get(row, "alpha_msb")
     t *= w4
@@ -248,11 +246,10 @@ def sign_finish(
     t = eps * big_r
     t += lay.get(row, "alpha_R")
     y -= t
-    for name, coef in coefs:
-        t = eps * lay.get(row, names[name])
-        t += lay.get(row, f"alpha_{name}")
-        t *= coef
-        y -= t
+    t = eps * rho
+    t += lay.get(row, "alpha_rho")
+    t *= flip
+    y -= t
     return s.view(x.shape), y.view(x.shape)
 
 
@@ -280,8 +277,12 @@ def sign(ctx: Context, xs: list[Any], relu: bool = False) -> Any:
         state = [s[0] for s in steps]
         keep = [s[1] for s in steps]
         parts = exchange(ctx, [s[2] for s in steps], xor=True)
+    steps = [
+        sign_to_arith(i, state[i], keep[i], parts[i], bundles[i], numel, relu) for i in range(n)
+    ]
+    parts = exchange(ctx, [s[1] for s in steps], xor=True)
     outs = [
-        sign_finish(i, xs[i], public[i], keep[i], parts[i], bundles[i], relu) for i in range(n)
+        sign_finish(i, xs[i], public[i], steps[i][0], parts[i], bundles[i], relu) for i in range(n)
     ]
     if not relu:
         return outs
@@ -292,6 +293,7 @@ __all__ = [
     "sign",
     "sign_finish",
     "sign_open",
+    "sign_to_arith",
     "sign_tree_level",
     "sign_tree_start",
 ]
