@@ -80,7 +80,7 @@ class PointerTensor(torch.Tensor):
         p._moved_to = None
         p._key = (shape, dtype, requires_grad)  # read without going through torch
         if requires_grad and is_leaf and type(p._ref) is Ref:
-            location._leaves[oid] = p
+            location._leaves.add(oid, p)
             p._deps = frozenset((oid,))
         else:
             # The leaves whose .grad a backward from here reaches (None: not known).
@@ -556,7 +556,7 @@ def _set_requires_grad(p: PointerTensor, flag: bool) -> None:
         torch.Tensor.requires_grad_(p, flag)
     p._key = (p._key[0], p._key[1], flag)
     if flag and p._is_leaf and type(p._ref) is Ref:
-        p.location._leaves[p.id] = p
+        p.location._leaves.add(p.id, p)
         p._deps = frozenset((p.id,))
     elif not flag:
         p._deps = _NO_DEPS
@@ -593,7 +593,7 @@ def _backward(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
 
 def refresh_grads(loc: Worker) -> None:
     """Learn which leaf pointers on ``loc`` now have a ``.grad`` (one round trip)."""
-    leaves = list(loc._leaves.items())
+    leaves = loc._leaves.items()
     flags = loc._grad_flags(tuple(oid for oid, _ in leaves))
     for (_, p), flag in zip(leaves, flags):
         p._has_grad = bool(flag)
@@ -608,7 +608,7 @@ def _predict_grads(loc: Worker, deps: frozenset[bytes]) -> None:
     (a bug) fails loudly at the next flush instead of skipping a parameter's update.
     """
     with_grad, without = [], []
-    for oid, leaf in list(loc._leaves.items()):
+    for oid, leaf in loc._leaves.items():
         if leaf._moved_to is not None:
             continue
         flag = leaf._has_grad or oid in deps

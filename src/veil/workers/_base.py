@@ -34,6 +34,40 @@ if TYPE_CHECKING:
 GC_BATCH = 64
 
 
+class LeafTable:
+    """The live leaf pointers (tensors that require grad) on one worker, by object id.
+
+    What a backward may give a ``.grad``. Like a ``WeakValueDictionary`` but cheap to walk
+    (a ``WeakValueDictionary`` guards every iteration, which a training step pays per batch).
+    """
+
+    __slots__ = ("_refs",)
+
+    def __init__(self) -> None:
+        self._refs: dict[bytes, weakref.ref[PointerTensor]] = {}
+
+    def add(self, oid: bytes, pointer: PointerTensor) -> None:
+        refs = self._refs
+
+        def forget(ref: weakref.ref[PointerTensor], oid: bytes = oid) -> None:
+            if refs.get(oid) is ref:
+                del refs[oid]
+
+        refs[oid] = weakref.ref(pointer, forget)
+
+    def items(self) -> list[tuple[bytes, PointerTensor]]:
+        """(id, pointer) of the leaves alive now."""
+        out = []
+        for oid, ref in list(self._refs.items()):
+            p = ref()
+            if p is not None:
+                out.append((oid, p))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+
 def new_id() -> bytes:
     """A fresh, unguessable object id: 128 bits from :mod:`secrets`."""
     return secrets.token_bytes(16)
@@ -75,9 +109,7 @@ class Worker(ABC):
         self.client_name = client_name
         self._gc: list[bytes] = []
         self._grad_clears: list[Any] = []
-        self._leaves: weakref.WeakValueDictionary[bytes, PointerTensor] = (
-            weakref.WeakValueDictionary()
-        )
+        self._leaves = LeafTable()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
