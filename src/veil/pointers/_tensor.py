@@ -26,6 +26,8 @@ from veil.workers._base import Worker, new_id
 from veil.workers._messages import DeleteObjects, FetchObject, MoveObject, Query
 
 _DISABLE = torch._C.DisableTorchFunctionSubclass
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+_META = torch.device("meta")
 
 
 def _clear_grads(tensors: tuple[Any, ...]) -> None:
@@ -59,6 +61,11 @@ class PointerTensor(torch.Tensor):
 
     location: Worker
     id: bytes
+    # Defaults read from the class until an instance sets its own (a pointer is created per
+    # command result, and each attribute set on a tensor costs).
+    _has_grad: bool = False
+    _grad_ptr: PointerTensor | None = None
+    _moved_to: Worker | None = None
 
     @staticmethod
     def __new__(cls, *args: Any, **kwargs: Any) -> PointerTensor:
@@ -68,16 +75,12 @@ class PointerTensor(torch.Tensor):
     def _from_remote(cls, location: Worker, oid: bytes, shape: torch.Size, dtype: torch.dtype,
                      requires_grad: bool, *, owns: bool, is_leaf: bool = True,
                      ref: Ref | GradRef | None = None) -> PointerTensor:
-        p = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device="meta",
-                                                requires_grad=requires_grad)
+        p = _make_wrapper(cls, shape, dtype=dtype, device=_META, requires_grad=requires_grad)
         p.location = location
         p.id = oid
         p._ref = ref if ref is not None else Ref(oid)
         p._owns = owns
         p._is_leaf = is_leaf
-        p._has_grad = False
-        p._grad_ptr = None
-        p._moved_to = None
         p._key = (shape, dtype, requires_grad)  # read without going through torch
         if requires_grad and is_leaf and type(p._ref) is Ref:
             location._leaves.add(oid, p)
@@ -165,10 +168,19 @@ class PointerTensor(torch.Tensor):
     @property
     def grad(self) -> PointerTensor | None:  # type: ignore[override]
         """A pointer to the remote ``.grad``, or None if the worker has none."""
-        return _get_grad(None, (self,), {})
+        # Read four times per parameter per optimizer step: the cached pointer inline.
+        if not self._has_grad:
+            return None
+        g = self._grad_ptr
+        return g if g is not None else _get_grad(None, (self,), {})
 
     @grad.setter
     def grad(self, value: Any) -> None:
+        if value is None:  # zero_grad's set_to_none, inline
+            if self._has_grad:
+                self.location._grad_clears.append(self._ref)  # coalesced into one command
+                self._has_grad = False
+            return
         _set_grad(None, (self, value), {})
 
     # ------------------------------------------------------------------ veil API
@@ -235,6 +247,8 @@ class PointerTensor(torch.Tensor):
 
 
 _NO_DEPS: frozenset[bytes] = frozenset()
+_SIMPLE = frozenset({int, float, bool, type(None), str})
+_SPECS = _meta._CACHE
 
 
 class _Walk:
@@ -353,6 +367,47 @@ def run_remote(name: str, shape_fn: Any, args: Any, kwargs: dict[str, Any],
     autograd, on exactly its arguments (not so for a user's remote function, which may reach
     other objects): the results then know which leaves a backward from them reaches.
     """
+    # Fast path, the usual torch call: top-level pointers and Python scalars, a signature
+    # seen before. It builds the same cache key as the general walk below, without the walk.
+    loc = location
+    key = [name, torch.is_grad_enabled()]
+    wargs = []
+    deps: frozenset[bytes] | None = _NO_DEPS
+    for a in args:
+        t = type(a)
+        if t is PointerTensor and a._moved_to is None:
+            where = a.location
+            if loc is None:
+                loc = where
+            elif where is not loc:
+                break
+            k = a._key
+            key.append(k)
+            if k[2]:
+                d = a._deps
+                if d is None or deps is None:
+                    deps = None
+                elif d:
+                    deps = deps | d if deps else d
+            wargs.append(a._ref)
+        elif t in _SIMPLE:
+            key.append((t, a))
+            wargs.append(a)
+        else:
+            break
+    else:
+        for k, v in kwargs.items():
+            t = type(v)
+            if t not in _SIMPLE:
+                break
+            key.append(k)
+            key.append((t, v))
+        else:
+            if loc is not None:
+                spec = _SPECS.get(tuple(key))
+                if spec is not None:
+                    return _dispatch(loc, name, tuple(wargs), kwargs, spec,
+                                     deps if tracked else None)
     w = _Walk(name)
     w.location = location
     wargs = tuple([_wire(a, w) for a in args])
@@ -374,9 +429,6 @@ def run_remote(name: str, shape_fn: Any, args: Any, kwargs: dict[str, Any],
         if key is not None and spec is not None:
             _meta.remember(key, spec)
     return _dispatch(loc, name, wargs, wkwargs, spec, w.deps if tracked else None)
-
-
-_SIMPLE = frozenset({int, float, bool, type(None), str})
 
 
 def _call_inplace(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
@@ -439,18 +491,28 @@ def _inplace_deps(args: Any, kwargs: dict[str, Any]) -> None:
         target._deps = None
 
 
+_TensorSpec = _meta.TensorSpec
+
+
 def _dispatch(loc: Worker, name: str, wargs: tuple[Any, ...], wkwargs: dict[str, Any],
               spec: Any, deps: frozenset[bytes] | None = None) -> Any:
     if spec is None:
         loc._run(name, wargs, wkwargs, None)
         return None
-    if type(spec) is _meta.TensorSpec:
+    if type(spec) is _TensorSpec:
         rid = new_id()
         loc._run(name, wargs, wkwargs, rid)
-        p = PointerTensor._from_remote(loc, rid, spec.shape, spec.dtype, spec.requires_grad,
-                                       owns=True, is_leaf=not spec.requires_grad)
-        if spec.requires_grad:
-            p._deps = deps
+        # PointerTensor._from_remote for a computed result, inline (one per command).
+        rg = spec[2]
+        p = _make_wrapper(PointerTensor, spec[0], dtype=spec[1], device=_META,
+                          requires_grad=rg)
+        p.location = loc
+        p.id = rid
+        p._ref = Ref(rid)
+        p._owns = True
+        p._is_leaf = not rg
+        p._key = spec  # a TensorSpec is the (shape, dtype, requires_grad) tuple
+        p._deps = deps if rg else _NO_DEPS
         return p
     if type(spec) is _meta.SeqSpec:
         rids = tuple(new_id() for _ in spec.items)
@@ -576,11 +638,16 @@ def _set_requires_grad_attr(func: Any, args: Any, kwargs: dict[str, Any]) -> Non
 
 def _backward(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
     p = args[0]
-    w = _Walk("Tensor.backward")
-    wargs = tuple(_wire(a, w) for a in args)
-    wkwargs = {k: _wire(v, w) for k, v in kwargs.items()}
     loc = p.location
-    loc._run("Tensor.backward", wargs, wkwargs, None)
+    if len(args) == 1 and p._moved_to is None and all(
+        type(v) in _SIMPLE for v in kwargs.values()
+    ):  # ``loss.backward()``: torch passes its defaults as keywords
+        loc._run("Tensor.backward", (p._ref,), kwargs, None)
+    else:
+        w = _Walk("Tensor.backward")
+        wargs = tuple(_wire(a, w) for a in args)
+        wkwargs = {k: _wire(v, w) for k, v in kwargs.items()}
+        loc._run("Tensor.backward", wargs, wkwargs, None)
     # backward(gradient, retain_graph, create_graph, inputs): with ``inputs`` only some
     # leaves receive a gradient, so the worker is asked.
     if loc._predict_grads and p._deps is not None and len(args) < 5 \
@@ -593,10 +660,7 @@ def _backward(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
 
 def refresh_grads(loc: Worker) -> None:
     """Learn which leaf pointers on ``loc`` now have a ``.grad`` (one round trip)."""
-    leaves = loc._leaves.items()
-    flags = loc._grad_flags(tuple(oid for oid, _ in leaves))
-    for (_, p), flag in zip(leaves, flags):
-        p._has_grad = bool(flag)
+    loc._refresh_grads()
 
 
 def _predict_grads(loc: Worker, deps: frozenset[bytes]) -> None:

@@ -8,7 +8,7 @@ models, searching, hosting, garbage collection of remote objects) is built on th
 
 from __future__ import annotations
 
-import secrets
+import os
 import weakref
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
@@ -68,9 +68,26 @@ class LeafTable:
         return len(self._refs)
 
 
+#: Ids drawn ahead from the OS CSPRNG (one system call per 256 ids instead of one per id).
+_IDS: list[bytes] = []
+_ID_BLOCK = 256
+
+
 def new_id() -> bytes:
-    """A fresh, unguessable object id: 128 bits from :mod:`secrets`."""
-    return secrets.token_bytes(16)
+    """A fresh, unguessable object id: 128 bits from the OS CSPRNG (as :mod:`secrets`)."""
+    try:
+        return _IDS.pop()  # atomic: threads never get the same id
+    except IndexError:
+        block = os.urandom(16 * _ID_BLOCK)
+        ids = [block[i:i + 16] for i in range(0, len(block), 16)]
+        oid = ids.pop()
+        _IDS.extend(ids)
+        return oid
+
+
+if hasattr(os, "register_at_fork"):
+    # A forked child must not hand out the ids its parent (or a sibling) will use.
+    os.register_at_fork(after_in_child=_IDS.clear)
 
 
 def raise_error(reply: ErrorReply, worker: str) -> None:
@@ -145,6 +162,13 @@ class Worker(ABC):
     def _grad_flags(self, ids: tuple[bytes, ...]) -> list[bool]:
         """Which of ``ids`` have a ``.grad`` on the worker (a query; flushes the pipeline)."""
         return self._request(Query("grads", ids))
+
+    def _refresh_grads(self) -> None:
+        """Set ``_has_grad`` of each live leaf pointer from the worker (one round trip)."""
+        leaves = self._leaves.items()
+        flags = self._grad_flags(tuple(oid for oid, _ in leaves))
+        for (_, p), flag in zip(leaves, flags):
+            p._has_grad = bool(flag)
 
     def _defer_grad_clear(self, ref: Any) -> None:
         """Queue ``.grad = None`` for a tensor; sent as one command before the next message."""

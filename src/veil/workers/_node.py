@@ -318,7 +318,16 @@ class WorkerNode:
         else:
             kwargs = wkwargs
         result = fn(*args, **kwargs)
-        if result_ids is not None:
+        if type(result_ids) is bytes and not session.track and session.max_objects is None:
+            # _put of one result, inline (the common case: one tensor, an untracked session).
+            if result_ids in objects:
+                raise ProtocolError(f"object id {result_ids.hex()[:12]}… is already in use")
+            objects[result_ids] = result
+            if perms[0] is not None:
+                private[result_ids] = perms[0]
+            elif private:
+                private.pop(result_ids, None)
+        elif result_ids is not None:
             self._store_results(result_ids, result, perms[0], session)
         elif perms[0] is not None and wargs and type(wargs[0]) is Ref:
             # An in-place op or setter wrote private values into its first argument: the

@@ -92,9 +92,42 @@ class VirtualWorker(Worker):
         if self._grad_clears:
             self._flush_grad_clears()
         self.messages += 1
-        self.node.execute(op, args, kwargs, result_ids, self._session)
-        if len(self._gc) >= self.gc_batch:
+        # WorkerNode.execute, inline: every command of a training step comes through here.
+        session = self._session
+        if session.error is None:
+            try:
+                self.node._run(op, args, kwargs, result_ids, session)
+            except Exception as exc:
+                session.fail(exc, op)
+        if self._gc and len(self._gc) >= self.gc_batch:
             self._flush_gc()
+
+    def _flush_grad_clears(self) -> None:
+        if self.serialize:
+            super()._flush_grad_clears()
+            return
+        refs, self._grad_clears = tuple(self._grad_clears), []
+        self.messages += 1
+        session = self._session
+        if session.error is None:
+            try:
+                self.node._run("veil.clear_grads", (refs,), {}, None, session)
+            except Exception as exc:
+                session.fail(exc, "veil.clear_grads")
+
+    def _refresh_grads(self) -> None:
+        if self._grad_clears:
+            self._flush_grad_clears()
+        if self.serialize or self._session.error is not None or self._gc:
+            super()._refresh_grads()  # the message path reports pending errors
+            return
+        # In process: read the flags straight from the store, in one pass over the leaves.
+        self.messages += 1
+        objects = self.node.store.objects
+        for oid, ref in list(self._leaves._refs.items()):
+            p = ref()
+            if p is not None:
+                p._has_grad = getattr(objects.get(oid), "grad", None) is not None
 
     def _grad_flags(self, ids: tuple[bytes, ...]) -> list[bool]:
         if self.serialize or self._session.error is not None or self._gc:
