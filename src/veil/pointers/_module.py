@@ -22,7 +22,16 @@ from torch import nn
 
 from veil._errors import ProtocolError, WorkerMismatch
 from veil.pointers import _meta
-from veil.pointers._tensor import PointerTensor, _to_meta, _Walk, _wire
+from veil.pointers._tensor import (
+    _NO_DEPS,
+    _SPECS,
+    PointerTensor,
+    _add_deps,
+    _dispatch,
+    _to_meta,
+    _Walk,
+    _wire,
+)
 from veil.serde import Ref
 from veil.workers._base import Worker, new_id
 from veil.workers._messages import (
@@ -137,6 +146,25 @@ class _RemoteForward:
         module = self.module
         remote = module._veil_remote
         training = module.training
+        worker = remote.worker
+        grad = torch.is_grad_enabled()
+        # Fast path: pointer inputs on the module's worker, a signature seen before (the
+        # same cache key as the walk below builds).
+        key = ["veil.module_call", grad, remote.spec_key, training]
+        wargs = [Ref(remote.module_id), training]
+        for x in inputs:
+            if type(x) is not PointerTensor or x._moved_to is not None \
+                    or x.location is not worker:
+                break
+            key.append(x._key)
+            wargs.append(x._ref)
+        else:
+            spec = _SPECS.get(tuple(key))
+            if spec is not None:
+                deps = None
+                if worker._predict_grads and grad:
+                    deps = _deps_of((*inputs, *module.parameters()))
+                return _dispatch(worker, "veil.module_call", tuple(wargs), {}, spec, deps)
         w = _Walk("veil.module_call")
         w.location = remote.worker
         w.key.append(remote.spec_key)
@@ -151,8 +179,6 @@ class _RemoteForward:
                 # Run the real thing to get the error message the user needs.
                 _meta.spec_of(remote.meta(*(_to_meta(x) for x in inputs)))
             _meta.remember(key, spec)
-        from veil.pointers._tensor import _add_deps, _dispatch
-
         if remote.worker._predict_grads and w.deps is not None and torch.is_grad_enabled():
             # Every allow-listed layer uses all of its parameters in its forward.
             for p in module.parameters():
@@ -162,6 +188,16 @@ class _RemoteForward:
             w.deps = None
         return _dispatch(remote.worker, "veil.module_call",
                          (Ref(remote.module_id), training, *wargs), {}, spec, w.deps)
+
+
+def _deps_of(tensors: tuple[Any, ...]) -> frozenset[bytes] | None:
+    """Union of the leaf dependencies of the pointers among ``tensors`` that require grad."""
+    w = _Walk("")
+    w.deps = _NO_DEPS
+    for t in tensors:
+        if type(t) is PointerTensor and t._key[2]:
+            _add_deps(w, t._deps)
+    return w.deps
 
 
 def get_module(module: nn.Module) -> nn.Module:
