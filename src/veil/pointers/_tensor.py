@@ -639,9 +639,13 @@ def _set_requires_grad_attr(func: Any, args: Any, kwargs: dict[str, Any]) -> Non
 def _backward(func: Any, args: Any, kwargs: dict[str, Any]) -> None:
     p = args[0]
     loc = p.location
-    if len(args) == 1 and p._moved_to is None and all(
-        type(v) in _SIMPLE for v in kwargs.values()
-    ):  # ``loss.backward()``: torch passes its defaults as keywords
+    simple = len(args) == 1 and p._moved_to is None
+    if simple:
+        for v in kwargs.values():
+            if type(v) not in _SIMPLE:
+                simple = False
+                break
+    if simple:  # ``loss.backward()``: torch passes its defaults as keywords
         loc._run("Tensor.backward", (p._ref,), kwargs, None)
     else:
         w = _Walk("Tensor.backward")

@@ -356,7 +356,18 @@ class WorkerNode:
                 raise TypeError("only tensors have a .grad")
             return base.grad
         if t is tuple or t is list:
-            return t(self._resolve_one(x, perms) for x in a)
+            # Public stored objects inline (e.g. veil.clear_grads' tuple of parameters).
+            objects = self.store.objects
+            private = self.store.perms
+            out = []
+            for x in a:
+                if type(x) is Ref and not (private and x.id in private):
+                    obj = objects.get(x.id)
+                    if obj is not None:
+                        out.append(obj)
+                        continue
+                out.append(self._resolve_one(x, perms))
+            return t(out)
         if t is dict:
             return {k: self._resolve_one(v, perms) for k, v in a.items()}
         return a
