@@ -437,6 +437,11 @@ def _call_inplace(name: str, args: Any, kwargs: dict[str, Any]) -> Any:
     This is the optimizer's hot path (``param.add_(grad, alpha=-lr)``), so the common case of
     pointers and Python scalars is handled inline and anything else by the general walk.
     """
+    loc = args[0].location if type(args[0]) is PointerTensor else None
+    if loc is not None and loc._inplace_here(name, args, kwargs):
+        if torch.is_grad_enabled():
+            _inplace_deps(args, kwargs)
+        return None if name == "Tensor.__setitem__" else args[0]
     loc = None
     wargs = []
     for a in args:

@@ -156,6 +156,11 @@ class Worker(ABC):
         """Submit the command ``op`` (a transport may override this to skip the message)."""
         self._command(ExecuteCommand(op, args, kwargs, result_ids, torch.is_grad_enabled()))
 
+    def _inplace_here(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Run the in-place command ``op`` on pointers and scalars at once, if this transport
+        can without a message (in-process workers); False: send it as a command."""
+        return False
+
     def _push(self) -> None:  # noqa: B027 (optional hook)
         """Start sending what is buffered without waiting (a hint; transports may ignore it)."""
 

@@ -6,8 +6,11 @@ import itertools
 import weakref
 from typing import Any
 
+import torch
+
 from veil._errors import WorkerUnavailable
-from veil.serde import decode, encode
+from veil.serde import GradRef, decode, encode
+from veil.workers._allowlist import OPS
 from veil.workers._base import Worker
 from veil.workers._messages import ErrorReply, ExecuteCommand, Reply
 from veil.workers._node import Session, WorkerNode
@@ -25,6 +28,19 @@ def _deliver(address: str, msg: Any, sender: str) -> None:
     reply = target.node.handle(msg, target._peer_session(sender))
     if type(reply) is ErrorReply:
         raise WorkerUnavailable(f"{address} refused the object: {reply.message}")
+
+
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+_POINTER: list[type] = []
+
+
+def _pointer_type() -> type:
+    """``PointerTensor`` (imported on first use: veil.pointers imports this package)."""
+    if not _POINTER:
+        from veil.pointers import PointerTensor
+
+        _POINTER.append(PointerTensor)
+    return _POINTER[0]
 
 
 class VirtualWorker(Worker):
@@ -84,6 +100,52 @@ class VirtualWorker(Worker):
         self.messages += 1
         if self._session.error is None:
             self.node.delete_ids(pending, self._session)
+
+    def _inplace_here(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        # The optimizer's hot path (param.add_(grad, alpha=-lr)): the objects are looked up
+        # and the op runs, with no message and no node frame. Only in the plain case: when the
+        # store holds private objects (whose restriction in-place writes carry), something is
+        # pending, or an argument is not a pointer here or a scalar, the command path runs.
+        if self.serialize or self._grad_clears or self._gc:
+            return False
+        node = self.node
+        store = node.store
+        session = self._session
+        if store.perms or session.error is not None:
+            return False
+        fn = OPS.get(op)
+        if fn is None:
+            return False
+        objects = store.objects
+        values = []
+        pointer_type = _pointer_type()
+        for a in args:
+            t = type(a)
+            if t is pointer_type:
+                if a.location is not self or a._moved_to is not None:
+                    return False
+                ref = a._ref
+                obj = objects.get(ref.id)
+                if obj is None:
+                    return False
+                if type(ref) is GradRef:
+                    if not isinstance(obj, torch.Tensor):
+                        return False
+                    obj = obj.grad
+                values.append(obj)
+            elif t in _SCALARS:
+                values.append(a)
+            else:
+                return False
+        for v in kwargs.values():
+            if type(v) not in _SCALARS:
+                return False
+        self.messages += 1
+        try:
+            fn(*values, **kwargs)
+        except Exception as exc:
+            session.fail(exc, op)
+        return True
 
     def _run(self, op: str, args: Any, kwargs: dict[str, Any], result_ids: Any) -> None:
         if self.serialize:
