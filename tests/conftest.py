@@ -21,6 +21,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.worker_kinds import KINDS  # noqa: E402
 
@@ -44,3 +45,13 @@ def make_workers(request):
 @pytest.fixture
 def kind(make_workers, request):
     return request.node.callspec.params["make_workers"]
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny ops on a shared 2-core machine are many times
+    slower with intra-op threads (measured), and results must not depend on the count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

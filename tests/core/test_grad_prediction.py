@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.worker_kinds import KINDS
 from torch import nn
 
 import veil
@@ -25,27 +26,12 @@ class PredictingWorker(veil.VirtualWorker):
 
 
 @pytest.fixture(params=["predicting", "websocket"])
-def worker(request, make_workers):
+def worker(request):
     if request.param == "predicting":
-        return PredictingWorker("alice")
-    return make_workers("alice")
-
-
-@pytest.fixture
-def make_workers(request):
-    from tests.worker_kinds import KINDS
-
-    stack = []
-
-    def make(*names):
-        cm = KINDS["websocket"](names)
-        stack.append(cm)
-        out = cm.__enter__()
-        return out if len(out) > 1 else out[0]
-
-    yield make
-    for cm in reversed(stack):
-        cm.__exit__(None, None, None)
+        yield PredictingWorker("alice")
+        return
+    with KINDS["websocket"](("alice",)) as (alice,):
+        yield alice
 
 
 class TwoHeads(nn.Module):

@@ -1,15 +1,10 @@
-"""DP tests run torch on one thread: tiny ops on a shared 2-core machine are many times slower
-with intra-op threads (measured), and results must not depend on the thread count."""
+"""DP tests run torch on one thread (see the ``one_thread`` fixture in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import veil.demo as demo
 
@@ -17,12 +16,7 @@ DP = {"DP-SGD on workers, eps=0.5": "0.500", "DP-SGD on workers, eps=1": "1.000"
       "DP-SGD on workers, no noise": "inf"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

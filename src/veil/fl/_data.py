@@ -131,13 +131,15 @@ class FederatedDataLoader:
     def __len__(self) -> int:
         return sum(-(-len(p) // self.batch_size) for p in self.dataset.parts)
 
-    def batches(self, part: WorkerData) -> Iterator[tuple[PointerTensor, PointerTensor]]:
-        """The batches of one worker's data, for one epoch."""
+    def batches(self, part: WorkerData, order: torch.Tensor | None = None
+                ) -> Iterator[tuple[PointerTensor, PointerTensor]]:
+        """The batches of one worker's data, for one epoch (in ``order`` if given, a row of
+        :meth:`epoch_orders`; else shuffled as configured)."""
         n, b = len(part), self.batch_size
-        if self.shuffle:
+        if order is None and self.shuffle:
             order = torch.randperm(n, generator=self._gen)
-            for i in range(0, n, b):
-                idx = order[i:i + b]
+        if order is not None:
+            for idx in order.split(b):
                 yield part.data[idx], part.targets[idx]
         else:  # the same slices every epoch: make them once (views on the worker)
             key = id(part)

@@ -23,20 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from veil.dp import PrivacyEngine, calibrate_noise_multiplier, compute_epsilon
 from veil.fl._data import FederatedDataset
+from veil.fl._local import LOSSES
 from veil.pointers import remote_function
 
 Accountant = Literal["rdp", "pld"]
 
-_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "mse": F.mse_loss,
-    "bce_with_logits": F.binary_cross_entropy_with_logits,
-}
+#: The losses DP-SGD on a worker supports (a subset of what workers know).
+_LOSSES: dict[str, Callable[..., Tensor]] = {k: LOSSES[k] for k in ("mse", "bce_with_logits")}
 
 _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,

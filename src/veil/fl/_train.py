@@ -105,14 +105,8 @@ def _client_round(global_model: nn.Module, part: WorkerData, loader: FederatedDa
     with torch.no_grad():
         start = [p.copy() for p in params]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    b = loader.batch_size
     for epoch in range(local_epochs):
-        if orders is None:
-            batches: Any = loader.batches(part)
-        else:
-            batches = ((part.data[idx], part.targets[idx])
-                       for idx in orders[epoch].split(b))
-        for xb, yb in batches:
+        for xb, yb in loader.batches(part, None if orders is None else orders[epoch]):
             opt.zero_grad()
             loss = loss_fn(local(xb), yb)
             if prox_mu > 0:  # FedProx: keep the local model near the round's start

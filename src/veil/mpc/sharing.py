@@ -49,12 +49,16 @@ class AdditiveSharingTensor(torch.Tensor):
     ) -> AdditiveSharingTensor:
         if len(shares) != ctx.n:
             raise ProtocolError(f"{len(shares)} shares for {ctx.n} parties")
-        shape = shares[0].shape
+        return cls._make(shares[0].shape, shares, None, ctx, transposed)
+
+    @classmethod
+    def _make(cls, shape: Any, shares: list[Any] | None, pending: batch.Op | None, ctx: Context,
+              transposed: bool) -> AdditiveSharingTensor:
         if transposed:
             shape = torch.Size((shape[1], shape[0]))
         out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.int64, device="cpu")
         out._shares = shares
-        out._pending = None
+        out._pending = pending
         out.transposed = transposed
         out.ctx = ctx
         return out
@@ -65,15 +69,7 @@ class AdditiveSharingTensor(torch.Tensor):
     ) -> AdditiveSharingTensor:
         """The result of a queued product or truncation (see :mod:`.protocols.batch`): its
         shares are computed, with everything else queued on ``ctx``, when first needed."""
-        shape = op.shape
-        if transposed:
-            shape = (shape[1], shape[0])
-        out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.int64, device="cpu")
-        out._shares = None
-        out._pending = op
-        out.transposed = transposed
-        out.ctx = ctx
-        return out
+        return cls._make(op.shape, None, op, ctx, transposed)
 
     def _resolve(self) -> None:
         self._shares = batch.result(self.ctx, self._pending)

@@ -323,8 +323,6 @@ def _inplace(name: str) -> bool:
         or name == "Tensor.__setitem__"
 
 
-_INPLACE: dict[str, bool] = {}
-
 _HANDLER, _INPLACE_OP, _REMOTE = "handler", "inplace", "remote"
 #: torch callable -> (kind, handler or wire name): what ``__torch_function__`` does with it,
 #: decided once per callable.
@@ -350,10 +348,7 @@ def _route(func: Any) -> tuple[str, Any]:
 
 def call(name: str, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
     """Run the allow-listed ``func`` (wire name ``name``) where its pointer arguments live."""
-    inplace = _INPLACE.get(name)
-    if inplace is None:
-        inplace = _INPLACE[name] = _inplace(name)
-    if inplace:
+    if _inplace(name):
         return _call_inplace(name, args, kwargs)
     return run_remote(name, func, args, kwargs, tracked=True)
 

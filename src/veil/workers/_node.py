@@ -289,28 +289,27 @@ class WorkerNode:
         perms: list[Permission | None] = [None]
         objects = self.store.objects
         private = self.store.perms
-        if op in TRAINING_DATA:
-            untracked = TRAINING_DATA[op]
+        untracked = TRAINING_DATA.get(op)
+        if untracked is not None:
             args = [self._resolve_one(a, [None] if i in untracked else perms)
                     for i, a in enumerate(wargs)]
-            wargs = ()
         else:
             args = []
-        for a in wargs:
-            t = type(a)
-            if t is Ref or t is GradRef:
-                obj = objects.get(a.id)
-                if obj is None or (private and a.id in private):
-                    obj = self._resolve_one(a, perms)
-                elif t is GradRef:
-                    if not isinstance(obj, torch.Tensor):
-                        raise TypeError("only tensors have a .grad")
-                    obj = obj.grad
-                args.append(obj)
-            elif t in _PLAIN:
-                args.append(a)
-            else:
-                args.append(self._resolve_one(a, perms))
+            for a in wargs:
+                t = type(a)
+                if t is Ref or t is GradRef:
+                    obj = objects.get(a.id)
+                    if obj is None or (private and a.id in private):
+                        obj = self._resolve_one(a, perms)
+                    elif t is GradRef:
+                        if not isinstance(obj, torch.Tensor):
+                            raise TypeError("only tensors have a .grad")
+                        obj = obj.grad
+                    args.append(obj)
+                elif t in _PLAIN:
+                    args.append(a)
+                else:
+                    args.append(self._resolve_one(a, perms))
         if wkwargs:
             kwargs = {}
             for k, v in wkwargs.items():
