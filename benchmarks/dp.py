@@ -1,6 +1,7 @@
 """DP-SGD step time: plain SGD vs veil vs torch.func vs Opacus, measured in one run.
 
     VEIL_DATA_DIR=... python benchmarks/dp.py [--repeats 15] [--threads 1] [--quick]
+        [--table2 SEEDS]
 
 Each row is one model and batch size. Every method trains its own copy of the model on the
 same fixed batch (sampling is left out for all of them) with SGD, and one "step" is
@@ -15,16 +16,22 @@ same fixed batch (sampling is left out for all of them) with SGD, and one "step"
 Methods are interleaved round by round so that load on the machine hits them alike; the table
 gives the median time per step over the rounds and the ratio to plain SGD's median. The last
 column is Opacus's best mode divided by veil.
+
+``--table2 SEEDS`` then prints the paper's Table 2 (Boston Housing test MSE against epsilon,
+mean and standard deviation over SEEDS seeds, and its PNG) by running
+``examples/dp_boston.py``, whose docstring explains the training.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="few rounds, small rows only")
     parser.add_argument("--no-opacus", action="store_true", help="skip Opacus")
+    parser.add_argument("--table2", type=int, default=0, metavar="SEEDS",
+                        help="also print the paper's Table 2 over SEEDS seeds (>= 2)")
+    parser.add_argument("--table2-out", type=Path, default=Path("out/dp_boston.png"))
     args = parser.parse_args(argv)
+    if args.table2 == 1 or args.table2 < 0:
+        parser.error("--table2 needs at least 2 seeds (a standard deviation)")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus warns about secure mode and more
     rows = [
@@ -240,7 +252,22 @@ def main(argv: list[str] | None = None) -> int:
             best = min(med[k] for k in med if k.startswith("opacus"))
             cells.append(f"{best / med['veil']:.2f}x")
         print("| " + " | ".join(cells) + " |", flush=True)
+    if args.table2:
+        print()
+        return table2(args.table2, args.table2_out, args.threads)
     return 0
+
+
+def table2(seeds: int, out: Path, threads: int) -> int:
+    """Run examples/dp_boston.py's table (it is a script, not a module of the package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "dp_boston.py"
+    spec = importlib.util.spec_from_file_location("dp_boston", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dp_boston"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return int(module.main(["--seeds", str(seeds), "--out", str(out), "--threads", str(threads)]))
 
 
 if __name__ == "__main__":

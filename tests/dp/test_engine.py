@@ -224,6 +224,49 @@ def test_budget_stops_before_the_step():
         assert torch.equal(v, before[k])
 
 
+def test_engines_sharing_an_accountant_compose_and_share_the_budget():
+    """Two training stages on the same rows (another model, another rate) count as one."""
+    x, y = _data(40).tensors
+    first = PrivacyEngine(accountant="pld", seed=0, max_epsilon=3.0, delta=1e-5)
+    linear = nn.Linear(4, 1)
+    linear, opt, _ = first.make_private(
+        module=linear,
+        optimizer=torch.optim.SGD(linear.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(40), batch_size=10),
+        noise_multiplier=1.5,
+        max_grad_norm=1.0,
+    )
+    for _ in range(3):
+        opt.zero_grad()
+        _mse(linear, x[:10], y[:10]).backward()
+        opt.step()
+    second = PrivacyEngine(accountant=first.accountant, seed=1, max_epsilon=3.0, delta=1e-5)
+    assert second.accountant is first.accountant
+    model = _mlp()
+    model, opt, _ = second.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data(40), batch_size=20),
+        noise_multiplier=1.5,
+        max_grad_norm=1.0,
+    )
+    allowed = first.accountant.steps_within(3.0, 1e-5, 1.5, 0.5)
+    for _ in range(allowed):
+        opt.zero_grad()
+        _mse(model, x[:20], y[:20]).backward()
+        opt.step()
+    assert first.accountant.history == [(1.5, 0.25, 3), (1.5, 0.5, allowed)]
+    separate = compute_epsilon(1.5, 0.5, allowed, 1e-5, "pld")
+    assert second.get_epsilon(1e-5) == first.get_epsilon(1e-5) > separate
+    assert first.get_epsilon(1e-5) <= 3.0
+    opt.zero_grad()
+    _mse(model, x[:20], y[:20]).backward()
+    with pytest.raises(veil.PrivacyBudgetExceeded):
+        opt.step()  # the first stage's steps count against the second stage's budget
+    with pytest.raises(ValueError, match="accountant"):
+        PrivacyEngine(accountant="moments")  # type: ignore[arg-type]
+
+
 def test_budget_needs_delta():
     engine = PrivacyEngine(max_epsilon=1.0)
     model = _mlp()

@@ -22,7 +22,11 @@ class PrivacyEngine:
 
     Args:
         accountant: ``"rdp"`` (Renyi DP, fast) or ``"pld"`` (privacy loss distributions,
-            tighter, slower), used for :meth:`get_epsilon`, calibration and the budget.
+            tighter, slower), used for :meth:`get_epsilon`, calibration and the budget; or an
+            existing :class:`~veil.dp.PrivacyAccountant` (for instance another engine's
+            ``.accountant``) to continue its accounts: training that touches the same data in
+            several stages (another model, another phase) then composes into one epsilon, and
+            ``max_epsilon`` bounds the stages together.
         secure_rng: draw noise and Poisson samples from :class:`~veil.dp.SecureNoise` (a
             ChaCha20 stream keyed from the OS) instead of a ``torch.Generator``.
         seed: seed of the ``torch.Generator`` for reproducible experiments (not with
@@ -48,13 +52,17 @@ class PrivacyEngine:
     def __init__(
         self,
         *,
-        accountant: Mechanism = "rdp",
+        accountant: Mechanism | PrivacyAccountant = "rdp",
         secure_rng: bool = False,
         seed: int | None = None,
         max_epsilon: float | None = None,
         delta: float | None = None,
     ) -> None:
-        self.accountant = PrivacyAccountant(accountant)
+        self.accountant = (
+            accountant
+            if isinstance(accountant, PrivacyAccountant)
+            else PrivacyAccountant(accountant)
+        )
         self.noise: NoiseSource = make_noise(secure_rng, seed)
         self.secure_rng = secure_rng
         self.max_epsilon = (
