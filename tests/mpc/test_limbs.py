@@ -56,6 +56,26 @@ def test_native_conv_is_exact_mod_2_64():
     assert out[0, 0, 0, 0].item() == (s - (1 << 64) if s >= 1 << 63 else s)
 
 
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape"),
+    [((256, 70), (70, 9)), ((97, 5), (5, 3)), ((3, 70, 4), (4, 6)), ((2, 65, 3), (2, 3, 5))],
+)
+def test_threaded_native_matmul_is_identical(monkeypatch, a_shape, b_shape):
+    monkeypatch.setattr(limbs, "PARALLEL_MIN_WORK", 0)
+    a, b = random_int64(a_shape), random_int64(b_shape)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        out = limbs.matmul(a, b)
+        torch.set_num_threads(1)  # one thread: the plain kernel, and a smaller pool next time
+        single = limbs.matmul(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, torch.matmul(a, b)) and torch.equal(single, out)
+    if a_shape[-2] >= 64:  # at least two blocks of rows ran on the pool
+        assert limbs._pool is not None and limbs._pool[1] >= 2
+
+
 def test_backend_switch():
     a, b = random_int64((4, 5)), random_int64((5, 3))
     try:
