@@ -167,7 +167,7 @@ def nbytes(t: Any) -> int:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def opened(own: torch.Tensor, parts: tuple[torch.Tensor, ...], xor: bool = False) -> torch.Tensor:
@@ -257,7 +257,8 @@ def material(
     provider for one bundle, and each refill doubles the count (up to :data:`POOL_MAX` and
     :data:`POOL_BYTES`), so the repeated signatures of a training loop cost one provider
     request every few steps while one-off shapes waste nothing. Each bundle is used once:
-    a party's pool is split into rows once per refill, and a run takes the next row.
+    a party's pool is split into rows once per refill, and a run takes the next row (the
+    pool then forgets it: a used row lives only as long as its run needs it).
     """
     key = (fn, args)
     pool = ctx.pools.get(key)
@@ -265,12 +266,16 @@ def material(
         last = 0 if pool is None else len(pool[0][0])
         count = max(1, min(2 * last, POOL_MAX, POOL_BYTES // max(1, 8 * words)))
         bundles = deal(ctx, what, fn, *args, ctx.n, count)
-        per_party = [rows(b) for b in bundles] if ctx.remote else [b.unbind(0) for b in bundles]
+        per_party = [list(rows(b)) if ctx.remote else list(b.unbind(0)) for b in bundles]
         pool = [per_party, 0]
         ctx.pools[key] = pool
     index = pool[1]
     pool[1] = index + 1
-    return [p[index] for p in pool[0]]
+    out = []
+    for p in pool[0]:
+        out.append(p[index])
+        p[index] = None  # the pool lets go of a row once it is handed out
+    return out
 
 
 def on_party(ctx: Context, i: int, fn: Callable[..., Any], *args: Any) -> Any:

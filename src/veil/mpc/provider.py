@@ -24,6 +24,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from veil._errors import ProtocolError
@@ -38,7 +39,7 @@ Shape = tuple[int, ...]
 class Layout:
     """Where each named piece sits in a flat bundle: arithmetic pieces first, then XOR ones."""
 
-    __slots__ = ("arith_len", "pieces", "total")
+    __slots__ = ("_names", "_shapes", "_sizes", "arith_len", "pieces", "total")
 
     def __init__(self, arith: Sequence[tuple[str, Shape]], xor: Sequence[tuple[str, Shape]] = ()):
         self.pieces: dict[str, tuple[int, int, Shape]] = {}
@@ -49,6 +50,23 @@ class Layout:
             pos += numel
         self.arith_len = sum(_numel(s) for _, s in arith)
         self.total = pos
+        self._names = tuple(self.pieces)
+        self._sizes = [numel for _, numel, _ in self.pieces.values()]
+        self._shapes = tuple(shape for _, _, shape in self.pieces.values())
+
+    def views(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of one bundle row by piece name, made once per row (a protocol run reads
+        its row in several steps): cached on the row tensor itself, which lives in its
+        party's store as long as the run needs it."""
+        cached = getattr(row, "_veil_views", None)
+        if cached is not None and cached[0] is self:
+            return cached[1]
+        self._check(row)
+        out = {}
+        for name, part, shape in zip(self._names, row.split(self._sizes), self._shapes):
+            out[name] = part if len(shape) == 1 else part.view(shape)
+        row._veil_views = (self, out)
+        return out
 
     def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``flat`` (one bundle row) by piece name."""
@@ -57,9 +75,31 @@ class Layout:
             for name, (start, numel, shape) in self.pieces.items()
         }
 
+    def arrays(self, row: torch.Tensor) -> dict[str, np.ndarray]:
+        """Like :meth:`views`, as NumPy views of the same memory (for the elementwise party
+        steps, where NumPy's per-operation cost is a fraction of torch's)."""
+        cached = getattr(row, "_veil_arrays", None)
+        if cached is not None and cached[0] is self:
+            return cached[1]
+        self._check(row)
+        flat = row.numpy()
+        out = {}
+        for name, (start, numel, shape) in self.pieces.items():
+            piece = flat[start : start + numel]
+            out[name] = piece if len(shape) == 1 else piece.reshape(shape)
+        row._veil_arrays = (self, out)
+        return out
+
+    def _check(self, row: torch.Tensor) -> None:
+        if row.dim() != 1 or row.shape[0] != self.total:
+            raise ProtocolError(
+                f"a dealer bundle row of shape {tuple(row.shape)} does not fit its layout "
+                f"({self.total} words)"
+            )
+
     def get(self, flat: torch.Tensor, name: str) -> torch.Tensor:
-        start, numel, shape = self.pieces[name]
-        return flat[start : start + numel].view(shape)
+        """The view of piece ``name`` in bundle row ``flat`` (see :meth:`views`)."""
+        return self.views(flat)[name]
 
 
 def _numel(shape: Shape) -> int:

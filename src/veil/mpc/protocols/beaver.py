@@ -27,7 +27,7 @@ import torch
 
 from veil.mpc._runtime import Context, exchange, material, opened
 from veil.mpc.protocols import truncation
-from veil.mpc.provider import beaver_layout, deal_beaver, ring_product
+from veil.mpc.provider import beaver_layout, deal_beaver, product_shape, ring_product
 from veil.pointers import remote_function
 
 
@@ -79,14 +79,34 @@ def product_share(
         nx *= s
     eps = both[:nx].view(sx)
     delta = both[nx:].view(sy)
-    a, b = lay.get(row, "a"), lay.get(row, "b")
+    p = lay.arrays(row)
+    b = torch.from_numpy(p["b"])
     z = ring_product(kind, eps, b + delta if i == 0 else b, params)
-    z += ring_product(kind, a, delta, params)
-    z += lay.get(row, "c")
+    z += ring_product(kind, torch.from_numpy(p["a"]), delta, params)
+    z += torch.from_numpy(p["c"])
     return z
 
 
-@remote_function("mpc.beaver_finish")
+def _finish_meta(
+    i: int,
+    msg: torch.Tensor,
+    parts: tuple[torch.Tensor, ...],
+    row: torch.Tensor,
+    kind: str,
+    sx: tuple[int, ...],
+    sy: tuple[int, ...],
+    params: tuple[Any, ...],
+    trunc: int,
+    addend: torch.Tensor | None = None,
+) -> Any:
+    shape = product_shape(kind, tuple(sx), tuple(sy), tuple(params))
+    out = torch.empty(shape, dtype=torch.int64, device="meta")
+    if trunc:
+        return out, out
+    return out if addend is None else out + addend
+
+
+@remote_function("mpc.beaver_finish", meta=_finish_meta)
 def beaver_finish(
     i: int,
     msg: torch.Tensor,

@@ -41,14 +41,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from veil.mpc._runtime import Context, exchange, material, opened
-from veil.mpc.provider import AND_LEVELS, deal_sign, packed_len, sign_layout, unpack_bits
+from veil.mpc._runtime import Context, exchange, material
+from veil.mpc.provider import AND_LEVELS, PACK, deal_sign, packed_len, sign_layout
 from veil.pointers import remote_function
 
 _LOW62 = (1 << 62) - 1
 _LOW32 = (1 << 32) - 1
+_LANES = np.arange(PACK, dtype=np.int64)
 
 #: Lanes kept when packing for level ``L``: those with ``lane mod 2^L < 2^(L-1)``.
 _PACK_MASKS = {
@@ -59,61 +61,78 @@ _PACK_MASKS = {
     5: 0x0000FFFF0000FFFF,
 }
 
+# The party steps compute on NumPy views of their int64 tensors (same wrapping int64
+# arithmetic, bit for bit): the values are small and the steps are dozens of elementwise
+# operations, where NumPy costs a fraction of torch's per-operation overhead. The messages
+# received (``parts``) come last, flat, so that a step is a plain command of pointers.
 
-def _pack(gp: torch.Tensor, level: int) -> torch.Tensor:
+
+def _opened(own: torch.Tensor, parts: tuple[torch.Tensor, ...], xor: bool) -> np.ndarray:
+    """The value opened by a party (as :func:`veil.mpc._runtime.opened`), as an array."""
+    out = own.numpy()
+    for p in parts:
+        out = (out ^ p.numpy()) if xor else (out + p.numpy())
+    return out
+
+
+def _pack(gp: np.ndarray, level: int) -> np.ndarray:
     """Pack pairs of adjacent words for tree ``level``: ``(rows, M)`` -> ``(rows, M / 2)``.
 
     The words hold ``2^(level-1)`` values each, valid in lanes ``j + s`` (``j`` a multiple
     of ``2^level``, ``s < 2^(level-1)`` the value's slot); the second word of each pair
     moves to slots ``2^(level-1)..``. Linear over XOR shares: each party packs its own.
     """
-    v = gp.view(gp.shape[0], -1, 2) & _PACK_MASKS[level]
+    v = gp.reshape(gp.shape[0], -1, 2) & _PACK_MASKS[level]
     return v[..., 0] ^ (v[..., 1] << (1 << (level - 1)))
 
 
-def _and_masks(
-    lay: Any, row: torch.Tensor, level: int, gp: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked AND inputs for carry-tree ``level`` and the state (``G_hi``) to keep.
+def _and_masks(p: dict[str, np.ndarray], level: int, gp: np.ndarray) -> tuple[Any, Any]:
+    """Masked AND inputs for carry-tree ``level``: what the party keeps (the state
+    ``G_hi``, then the message) and the message it sends.
 
     ``gp`` holds the packed ``G`` and ``P`` rows. The message is ``P_hi ^ a`` then
     ``(G, P) ^ b`` (only ``G`` at the last level), flattened.
     """
     hi = gp >> (1 << level)
-    b = lay.get(row, f"b{level}")
+    b = p[f"b{level}"]
     rows, words = b.shape
-    msg = torch.empty((rows + 1, words), dtype=torch.int64, device=gp.device)
-    torch.bitwise_xor(hi[1], lay.get(row, f"a{level}"), out=msg[0])
-    torch.bitwise_xor(gp[:rows], b, out=msg[1:])
-    return hi[0], msg.view(-1)
+    msg = np.empty((rows + 1, words), dtype=np.int64)
+    np.bitwise_xor(hi[1], p[f"a{level}"], out=msg[0])
+    np.bitwise_xor(gp[:rows], b, out=msg[1:])
+    msg = msg.reshape(-1)
+    return torch.from_numpy(np.concatenate((hi[0], msg))), torch.from_numpy(msg)
 
 
 def _and_finish(
-    i: int,
-    lay: Any,
-    row: torch.Tensor,
-    level: int,
-    state: torch.Tensor,
-    msg: torch.Tensor,
-    parts: tuple[torch.Tensor, ...],
-) -> torch.Tensor:
-    """This party's XOR shares of the new ``(G, P)`` rows (``G`` only at the last level)."""
-    a = lay.get(row, f"a{level}")
-    b = lay.get(row, f"b{level}")
-    both = opened(msg, parts, xor=True).view(b.shape[0] + 1, b.shape[1])
+    i: int, p: dict[str, np.ndarray], level: int, keep: torch.Tensor, parts: tuple[Any, ...]
+) -> np.ndarray:
+    """This party's XOR shares of the new ``(G, P)`` rows (``G`` only at the last level),
+    from what it kept at ``level`` (state, then its message) and the messages received."""
+    a = p[f"a{level}"]
+    b = p[f"b{level}"]
+    rows, words = b.shape
+    kept = keep.numpy()
+    both = kept[words:]
+    for m in parts:
+        both = both ^ m.numpy()
+    both = both.reshape(rows + 1, words)
     d, e = both[0], both[1:]
-    z = lay.get(row, f"c{level}") ^ (e & a)
+    z = p[f"c{level}"] ^ (e & a)
     z ^= b & d
     if i == 0:
         z ^= e & d
-    z[0] ^= state
+    z[0] ^= kept[:words]
     return z
+
+
+def _meta(*shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int64, device="meta")
 
 
 def _open_meta(
     i: int, x: torch.Tensor, row: torch.Tensor, relu: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(x.numel() * (2 if relu else 1), dtype=torch.int64, device="meta")
+    out = _meta(x.numel() * (2 if relu else 1))
     return out, out
 
 
@@ -123,109 +142,134 @@ def sign_open(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1: ``x_i + r_i`` (party 0 adds 2^62), and ``x_i - alpha_i`` for ReLU."""
     n = x.numel()
-    lay = sign_layout(n, relu)
-    flat = x.reshape(-1)
-    masked = flat + lay.get(row, "r")
-    if i == 0:
-        masked = masked + (1 << 62)
+    p = sign_layout(n, relu).arrays(row)
+    flat = x.reshape(-1).numpy()
     if relu:
-        masked = torch.cat((masked, flat - lay.get(row, "alpha")))
-    return masked, masked
-
-
-@remote_function("mpc.sign_tree_start")
-def sign_tree_start(
-    i: int,
-    msg: torch.Tensor,
-    parts: tuple[torch.Tensor, ...],
-    row: torch.Tensor,
-    numel: int,
-    relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 2: open ``c`` (and ``eps``), evaluate the free first tree level, mask level 1.
-
-    Returns ``(public, state, msg, msg)``: the opened values, the kept tree state and the
-    AND message (kept and sent).
-    """
-    lay = sign_layout(numel, relu)
-    public = opened(msg, parts)
-    words = packed_len(numel)
-    c = public[:numel] & _LOW62
-    if words > numel:
-        c = torch.nn.functional.pad(c, (0, words - numel))
-    cb = ~c  # NOT c'; lanes 62 and 63 are 1, where r' is 0: "equal"
-    cb_hi = cb >> 1
-    rho = lay.get(row, "rp")  # this party's XOR share of r'
-    mu = lay.get(row, "m")  # share of r' & (r' >> 1)
-    # Blocks of two bits (lo = lane j, hi = lane j + 1): eq = r ^ ~c, lt = r & ~c.
-    t = cb_hi & rho
-    gp = torch.empty((2, words), dtype=torch.int64, device=c.device)
-    rho_hi = rho >> 1
-    torch.bitwise_and(cb_hi, rho_hi, out=gp[0])
-    gp[0] ^= cb & (mu ^ t)
-    torch.bitwise_and(cb, rho_hi, out=gp[1])
-    gp[1] ^= mu ^ t
+        masked = np.empty(2 * n, dtype=np.int64)
+        np.add(flat, p["r"], out=masked[:n])
+        np.subtract(flat, p["alpha"], out=masked[n:])
+    else:
+        masked = flat + p["r"]
     if i == 0:
-        gp[1] ^= cb_hi & cb
-    state, out = _and_masks(lay, row, 1, _pack(gp, 1))
-    return public, state, out, out
-
-
-@remote_function("mpc.sign_tree_level")
-def sign_tree_level(
-    i: int,
-    level: int,
-    state: torch.Tensor,
-    msg: torch.Tensor,
-    parts: tuple[torch.Tensor, ...],
-    row: torch.Tensor,
-    numel: int,
-    relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Steps 3..: finish the AND of ``level - 1`` and mask the AND of ``level``."""
-    lay = sign_layout(numel, relu)
-    z = _and_finish(i, lay, row, level - 1, state, msg, parts)
-    state, out = _and_masks(lay, row, level, _pack(z, level))
-    return state, out, out
-
-
-@remote_function("mpc.sign_to_arith")
-def sign_to_arith(
-    i: int,
-    state: torch.Tensor,
-    msg: torch.Tensor,
-    parts: tuple[torch.Tensor, ...],
-    row: torch.Tensor,
-    numel: int,
-    relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finish the last AND; send ``b ^ rho`` (the 32 result lanes of each packed word; the
-    other lanes are never sent)."""
-    lay = sign_layout(numel, relu)
-    z = _and_finish(i, lay, row, AND_LEVELS, state, msg, parts)
-    out = (z[0] ^ lay.get(row, "rho_x")) & _LOW32
+        masked[:n] += 1 << 62
+    out = torch.from_numpy(masked)
     return out, out
 
 
-@remote_function("mpc.sign_finish")
+def _start_meta(
+    i: int, msg: torch.Tensor, row: torch.Tensor, numel: int, relu: bool, *parts: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    w = packed_len(numel) >> 1
+    return _meta(*msg.shape), _meta(4 * w), _meta(3 * w)
+
+
+@remote_function("mpc.sign_tree_start", meta=_start_meta)
+def sign_tree_start(
+    i: int, msg: torch.Tensor, row: torch.Tensor, numel: int, relu: bool, *parts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 2: open ``c`` (and ``eps``), evaluate the free first tree level, mask level 1.
+
+    ``parts``: the messages received. Returns ``(public, keep, msg)``: the opened values,
+    what the party keeps (its tree state, then its AND message) and the message it sends.
+    """
+    p = sign_layout(numel, relu).arrays(row)
+    public = _opened(msg, parts, False)
+    words = packed_len(numel)
+    c = public[:numel] & _LOW62
+    if words > numel:
+        c = np.concatenate((c, np.zeros(words - numel, dtype=np.int64)))
+    cb = ~c  # NOT c'; lanes 62 and 63 are 1, where r' is 0: "equal"
+    cb_hi = cb >> 1
+    rho = p["rp"]  # this party's XOR share of r'
+    mu = p["m"]  # share of r' & (r' >> 1)
+    # Blocks of two bits (lo = lane j, hi = lane j + 1): eq = r ^ ~c, lt = r & ~c.
+    mt = mu ^ (cb_hi & rho)
+    gp = np.empty((2, words), dtype=np.int64)
+    rho_hi = rho >> 1
+    np.bitwise_and(cb_hi, rho_hi, out=gp[0])
+    gp[0] ^= cb & mt
+    np.bitwise_and(cb, rho_hi, out=gp[1])
+    gp[1] ^= mt
+    if i == 0:
+        gp[1] ^= cb_hi & cb
+    keep, out = _and_masks(p, 1, _pack(gp, 1))
+    return torch.from_numpy(public), keep, out
+
+
+def _level_meta(
+    i: int, level: int, keep: torch.Tensor, row: torch.Tensor, numel: int, relu: bool,
+    *parts: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    w = packed_len(numel) >> level
+    m = (3 if level < AND_LEVELS else 2) * w
+    return _meta(w + m), _meta(m)
+
+
+@remote_function("mpc.sign_tree_level", meta=_level_meta)
+def sign_tree_level(
+    i: int, level: int, keep: torch.Tensor, row: torch.Tensor, numel: int, relu: bool,
+    *parts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 3..: finish the AND of ``level - 1`` and mask the AND of ``level``; returns
+    what the party keeps and the message it sends."""
+    p = sign_layout(numel, relu).arrays(row)
+    z = _and_finish(i, p, level - 1, keep, parts)
+    return _and_masks(p, level, _pack(z, level))
+
+
+def _arith_meta(
+    i: int, keep: torch.Tensor, row: torch.Tensor, numel: int, relu: bool, *parts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = _meta(packed_len(numel) >> AND_LEVELS)
+    return out, out
+
+
+@remote_function("mpc.sign_to_arith", meta=_arith_meta)
+def sign_to_arith(
+    i: int, keep: torch.Tensor, row: torch.Tensor, numel: int, relu: bool, *parts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finish the last AND; send ``b ^ rho`` (the 32 result lanes of each packed word; the
+    other lanes are never sent)."""
+    p = sign_layout(numel, relu).arrays(row)
+    z = _and_finish(i, p, AND_LEVELS, keep, parts)
+    out = torch.from_numpy((z[0] ^ p["rho_x"]) & _LOW32)
+    return out, out
+
+
+def _finish_meta(
+    i: int,
+    x: torch.Tensor,
+    public: torch.Tensor,
+    msg: torch.Tensor,
+    row: torch.Tensor,
+    relu: bool,
+    *parts: torch.Tensor,
+) -> Any:
+    out = _meta(*x.shape)
+    return (out, _meta(*x.shape)) if relu else out
+
+
+@remote_function("mpc.sign_finish", meta=_finish_meta)
 def sign_finish(
     i: int,
     x: torch.Tensor,
     public: torch.Tensor,
     msg: torch.Tensor,
-    parts: tuple[torch.Tensor, ...],
     row: torch.Tensor,
     relu: bool,
+    *parts: torch.Tensor,
 ) -> Any:
     """Last step: shares of ``[x >= 0]`` (and of ``relu(x)``), shaped like ``x``."""
     numel = x.numel()
-    lay = sign_layout(numel, relu)
-    e = unpack_bits(opened(msg, parts, xor=True), numel)
-    c = public[:numel]
-    w4 = (c >= 0).to(torch.int64) << 2  # 4 * [c < 2^63 as an unsigned number]
+    p = sign_layout(numel, relu).arrays(row)
+    # The opened b ^ rho, unpacked (value 32k + s at bit s of word k).
+    e = ((_opened(msg, parts, True)[:, None] >> _LANES) & 1).reshape(-1)[:numel]
+    pub = public.numpy()
+    c = pub[:numel]
+    w4 = (c >= 0).astype(np.int64) << 2  # 4 * [c < 2^63 as an unsigned number]
     ce = (c >> 62) & 3  # public C - e
     ce -= e
-    big_r, msb, rho = lay.get(row, "R"), lay.get(row, "msb"), lay.get(row, "rho_a")
+    big_r, msb, rho = p["R"], p["msb"], p["rho_a"]
     flip = e * -2
     flip += 1  # 1 - 2e
     s = w4 * msb
@@ -233,24 +277,25 @@ def sign_finish(
     s -= rho * flip
     if i == 0:
         s += ce
+    shape = x.shape
     if not relu:
-        return s.view(x.shape)
+        return torch.from_numpy(s).view(shape)
     # relu(x) = (C - e) x - x R + 4 w x msb - (1 - 2e) x rho, each product x * v with a
     # dealer value v as eps * v + [alpha * v].
-    eps = public[numel:]
-    y = ce * x.reshape(-1)
+    eps = pub[numel:]
+    y = ce * x.reshape(-1).numpy()
     t = eps * msb
-    t += lay.get(row, "alpha_msb")
+    t += p["alpha_msb"]
     t *= w4
     y += t
     t = eps * big_r
-    t += lay.get(row, "alpha_R")
+    t += p["alpha_R"]
     y -= t
     t = eps * rho
-    t += lay.get(row, "alpha_rho")
+    t += p["alpha_rho"]
     t *= flip
     y -= t
-    return s.view(x.shape), y.view(x.shape)
+    return torch.from_numpy(s).view(shape), torch.from_numpy(y).view(shape)
 
 
 def sign(ctx: Context, xs: list[Any], relu: bool = False) -> Any:
@@ -264,25 +309,22 @@ def sign(ctx: Context, xs: list[Any], relu: bool = False) -> Any:
     bundles = material(ctx, what, deal_sign, (numel, relu), lay.total)
     msgs = [sign_open(i, xs[i], bundles[i], relu) for i in range(n)]
     parts = exchange(ctx, [m[1] for m in msgs])
-    steps = [sign_tree_start(i, msgs[i][0], parts[i], bundles[i], numel, relu) for i in range(n)]
+    steps = [sign_tree_start(i, msgs[i][0], bundles[i], numel, relu, *parts[i]) for i in range(n)]
     public = [s[0] for s in steps]
-    state = [s[1] for s in steps]
-    keep = [s[2] for s in steps]
-    parts = exchange(ctx, [s[3] for s in steps], xor=True)
+    keep = [s[1] for s in steps]
+    parts = exchange(ctx, [s[2] for s in steps], xor=True)
     for level in range(2, AND_LEVELS + 1):
         steps = [
-            sign_tree_level(i, level, state[i], keep[i], parts[i], bundles[i], numel, relu)
+            sign_tree_level(i, level, keep[i], bundles[i], numel, relu, *parts[i])
             for i in range(n)
         ]
-        state = [s[0] for s in steps]
-        keep = [s[1] for s in steps]
-        parts = exchange(ctx, [s[2] for s in steps], xor=True)
-    steps = [
-        sign_to_arith(i, state[i], keep[i], parts[i], bundles[i], numel, relu) for i in range(n)
-    ]
+        keep = [s[0] for s in steps]
+        parts = exchange(ctx, [s[1] for s in steps], xor=True)
+    steps = [sign_to_arith(i, keep[i], bundles[i], numel, relu, *parts[i]) for i in range(n)]
     parts = exchange(ctx, [s[1] for s in steps], xor=True)
     outs = [
-        sign_finish(i, xs[i], public[i], steps[i][0], parts[i], bundles[i], relu) for i in range(n)
+        sign_finish(i, xs[i], public[i], steps[i][0], bundles[i], relu, *parts[i])
+        for i in range(n)
     ]
     if not relu:
         return outs

@@ -29,8 +29,10 @@ of the last place of ``z / 2^s`` (one unit is ``2^-f``, 1.5e-5 for ``f = 16``). 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import numpy as np
 import torch
 
 from veil.mpc import _runtime
@@ -75,18 +77,40 @@ def mask_share(i: int, x: torch.Tensor, scale: int, row: torch.Tensor, bits: int
     return msg
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(bits: int) -> tuple[int, int, int]:
+    """``2^(64-bits)`` (wrapped), the mask of the low ``64 - bits`` bits and the offset's
+    share ``2^(61-bits)``: the public constants of :func:`finish_array`."""
+    return wrap(1 << (64 - bits)), wrap((1 << (64 - bits)) - 1), 1 << (OFFSET_BITS - bits)
+
+
+def finish_array(
+    i: int, c: np.ndarray, r_hi: np.ndarray, msb: np.ndarray, bits: int
+) -> np.ndarray:
+    """Party steps 3-4 on flat arrays (same int64 arithmetic as torch, bit for bit): this
+    party's share of ``floor(z / 2^bits)`` from the opened ``c``."""
+    top, low, off = _constants(bits)
+    out = np.multiply((c >> 62) == 0, msb)  # [0 <= c < 2^62] * msb: the wrap w
+    out *= top
+    out -= r_hi
+    if i == 0:
+        t = c >> bits
+        t &= low
+        t -= off
+        out += t
+    return out
+
+
 def finish_share(i: int, c: torch.Tensor, row: torch.Tensor, bits: int) -> torch.Tensor:
     """Party steps 3-4 on plain tensors: this party's share of ``floor(z / 2^bits)`` from
     the opened ``c``."""
     m = c.numel()
-    end = row.shape[0]
-    r_hi = row[end - 2 * m : end - m].view(c.shape)
-    msb = row[end - m :].view(c.shape)
-    wrapped = ((c >= 0) & (c < (1 << 62))).to(torch.int64) * msb
-    out = wrapped * wrap(1 << (64 - bits)) - r_hi
-    if i == 0:
-        out += ((c >> bits) & wrap((1 << (64 - bits)) - 1)) - (1 << (OFFSET_BITS - bits))
-    return out
+    flat = row.numpy()
+    end = flat.shape[0]
+    out = finish_array(
+        i, c.reshape(-1).numpy(), flat[end - 2 * m : end - m], flat[end - m :], bits
+    )
+    return torch.from_numpy(out).view(c.shape)
 
 
 @remote_function("mpc.trunc_mask", meta=_mask_meta)
@@ -98,7 +122,19 @@ def trunc_mask(
     return msg, msg
 
 
-@remote_function("mpc.trunc_finish")
+def _finish_meta(
+    i: int,
+    msg: torch.Tensor,
+    parts: tuple[torch.Tensor, ...],
+    row: torch.Tensor,
+    bits: int,
+    addend: torch.Tensor | None = None,
+) -> torch.Tensor:
+    out = torch.empty(msg.shape, dtype=torch.int64, device="meta")
+    return out if addend is None else out + addend
+
+
+@remote_function("mpc.trunc_finish", meta=_finish_meta)
 def trunc_finish(
     i: int,
     msg: torch.Tensor,
