@@ -23,7 +23,7 @@ from veil.pointers import _meta
 from veil.serde import GradRef, Ref
 from veil.workers._allowlist import describe, register_function, wire_name
 from veil.workers._base import Worker, new_id
-from veil.workers._messages import DeleteObjects, FetchObject, MoveObject, Query
+from veil.workers._messages import DeleteObjects, FetchObject, Query
 
 _DISABLE = torch._C.DisableTorchFunctionSubclass
 _make_wrapper = torch.Tensor._make_wrapper_subclass
@@ -219,7 +219,7 @@ class PointerTensor(torch.Tensor):
         if type(self._ref) is GradRef:
             raise ProtocolError("a .grad cannot be moved; .copy() it first")
         nid = new_id()
-        self.location._command(MoveObject(self.id, worker.address, nid))
+        self.location._move_object(self.id, worker, nid)
         moved = PointerTensor._from_remote(worker, nid, *self._key, owns=True)
         if self._owns:
             self._owns = False
@@ -388,6 +388,12 @@ def run_remote(name: str, shape_fn: Any, args: Any, kwargs: dict[str, Any],
         elif t in _SIMPLE:
             key.append((t, a))
             wargs.append(a)
+        elif (t is list or t is tuple) and _SIMPLE.issuperset(map(type, a)):
+            # A flat list of Python scalars (dims, a shape): the key entries the walk makes.
+            key.append(t)
+            key.extend([(type(x), x) for x in a])
+            key.append(len(a))
+            wargs.append(t(a))
         else:
             break
     else:
@@ -492,6 +498,7 @@ def _inplace_deps(args: Any, kwargs: dict[str, Any]) -> None:
 
 
 _TensorSpec = _meta.TensorSpec
+_SeqSpec = _meta.SeqSpec
 
 
 def _dispatch(loc: Worker, name: str, wargs: tuple[Any, ...], wkwargs: dict[str, Any],
@@ -514,16 +521,26 @@ def _dispatch(loc: Worker, name: str, wargs: tuple[Any, ...], wkwargs: dict[str,
         p._key = spec  # a TensorSpec is the (shape, dtype, requires_grad) tuple
         p._deps = deps if rg else _NO_DEPS
         return p
-    if type(spec) is _meta.SeqSpec:
-        rids = tuple(new_id() for _ in spec.items)
+    if type(spec) is _SeqSpec:
+        items = spec.items
+        rids = tuple([new_id() for _ in items])
         loc._run(name, wargs, wkwargs, rids)
-        ptrs = [PointerTensor._from_remote(loc, r, s.shape, s.dtype, s.requires_grad,
-                                           owns=True, is_leaf=not s.requires_grad)
-                for r, s in zip(rids, spec.items)]
-        for ptr in ptrs:
-            if ptr._key[2]:
-                ptr._deps = deps
-        return spec.kind(ptrs)
+        # The single-result construction above, once per result (the SMPC protocol steps
+        # return several shares or masks per command).
+        ptrs = []
+        for rid, s in zip(rids, items):
+            rg = s[2]
+            p = _make_wrapper(PointerTensor, s[0], dtype=s[1], device=_META, requires_grad=rg)
+            p.location = loc
+            p.id = rid
+            p._ref = Ref(rid)
+            p._owns = True
+            p._is_leaf = not rg
+            p._key = s
+            p._deps = deps if rg else _NO_DEPS
+            ptrs.append(p)
+        kind = spec.kind
+        return ptrs if kind is list else tuple(ptrs) if kind is tuple else kind(ptrs)
     rid = new_id()
     loc._run(name, wargs, wkwargs, rid)
     if spec == _meta.VALUE:

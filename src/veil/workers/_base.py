@@ -21,6 +21,7 @@ from veil.workers._messages import (
     DeleteObjects,
     ErrorReply,
     ExecuteCommand,
+    MoveObject,
     Query,
     Reply,
     SearchObjects,
@@ -155,6 +156,11 @@ class Worker(ABC):
     def _run(self, op: str, args: Any, kwargs: dict[str, Any], result_ids: Any) -> None:
         """Submit the command ``op`` (a transport may override this to skip the message)."""
         self._command(ExecuteCommand(op, args, kwargs, result_ids, torch.is_grad_enabled()))
+
+    def _move_object(self, oid: bytes, destination: Worker, new_id: bytes) -> None:
+        """Submit the move of object ``oid`` to ``destination`` (stored there as ``new_id``);
+        a transport may override this to skip the message."""
+        self._command(MoveObject(oid, destination.address, new_id))
 
     def _inplace_here(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Run the in-place command ``op`` on pointers and scalars at once, if this transport

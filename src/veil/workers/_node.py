@@ -211,13 +211,21 @@ class WorkerNode:
     def delete_ids(self, ids: Any, session: Session) -> None:
         """Delete objects for ``session`` (the in-process fast path of a DeleteObjects)."""
         store = self.store
+        objects = store.objects
+        perms = store.perms
         infos = store.infos
         created = session.created
         for oid in ids:
             if infos and infos.get(oid) is not None and oid not in created:
                 continue  # hosted data is the worker's own; clients cannot delete it
-            store.delete(oid)
-            created.discard(oid)
+            # ObjectStore.delete, inline (a training step frees hundreds of results)
+            if objects.pop(oid, None) is not None:
+                if perms:
+                    perms.pop(oid, None)
+                if infos:
+                    infos.pop(oid, None)
+            if created:
+                created.discard(oid)
 
     def _search(self, msg: SearchObjects, session: Session) -> list[list[Any]]:
         out = []
@@ -317,7 +325,8 @@ class WorkerNode:
         else:
             kwargs = wkwargs
         result = fn(*args, **kwargs)
-        if type(result_ids) is bytes and not session.track and session.max_objects is None:
+        ids_type = type(result_ids)
+        if ids_type is bytes and not session.track and session.max_objects is None:
             # _put of one result, inline (the common case: one tensor, an untracked session).
             if result_ids in objects:
                 raise ProtocolError(f"object id {result_ids.hex()[:12]}… is already in use")
@@ -326,6 +335,23 @@ class WorkerNode:
                 private[result_ids] = perms[0]
             elif private:
                 private.pop(result_ids, None)
+        elif ids_type is tuple and not session.track and session.max_objects is None \
+                and (type(result) is tuple or type(result) is list) \
+                and len(result) == len(result_ids):
+            # Several results (the SMPC steps), each stored as above; a nested id falls back
+            # to the general path for its part.
+            perm = perms[0]
+            for rid, r in zip(result_ids, result):
+                if type(rid) is not bytes:
+                    self._store_results(rid, r, perm, session)
+                    continue
+                if rid in objects:
+                    raise ProtocolError(f"object id {rid.hex()[:12]}… is already in use")
+                objects[rid] = r
+                if perm is not None:
+                    private[rid] = perm
+                elif private:
+                    private.pop(rid, None)
         elif result_ids is not None:
             self._store_results(result_ids, result, perms[0], session)
         elif perms[0] is not None and wargs and type(wargs[0]) is Ref:

@@ -101,6 +101,34 @@ class VirtualWorker(Worker):
         if self._session.error is None:
             self.node.delete_ids(pending, self._session)
 
+    def _move_object(self, oid: bytes, destination: Worker, new_id: bytes) -> None:
+        # The SMPC protocols move shares and masks between parties dozens of times a step.
+        # In process, a public tensor that is not hosted data goes straight from this store
+        # into the destination's, as the MoveObject and the peer's StoreObject would put it;
+        # anything else (private or hosted data, serialization, a pending error, an id in
+        # use, a missing object) takes the message path, which has the rules and the errors.
+        if self.serialize or type(self) is not VirtualWorker \
+                or type(destination) is not VirtualWorker or destination.serialize \
+                or self._grad_clears:
+            super()._move_object(oid, destination, new_id)
+            return
+        node = self.node
+        store = node.store
+        session = self._session
+        peer = destination._peers.get(self.name)
+        obj = store.objects.get(oid)
+        if session.error is not None or peer is None or peer.error is not None \
+                or not isinstance(obj, torch.Tensor) or (store.perms and oid in store.perms) \
+                or (store.infos and oid in store.infos) or peer.track \
+                or peer.max_objects is not None or new_id in destination.node.store.objects:
+            super()._move_object(oid, destination, new_id)
+            return
+        self.messages += 2  # the move, and the store it sends to the peer
+        destination.node.store.put(new_id, obj.detach().requires_grad_(obj.requires_grad))
+        store.delete(oid)
+        session.created.discard(oid)
+        self._maybe_flush_gc()
+
     def _inplace_here(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         # The optimizer's hot path (param.add_(grad, alpha=-lr)): the objects are looked up
         # and the op runs, with no message and no node frame. Only in the plain case: when the
