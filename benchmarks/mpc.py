@@ -7,6 +7,8 @@
 (c) ReLU on 100,000 shared values.
 (d) The same with CrypTen 0.4.1, if it is installed: two parties in two processes (its own
     multiprocess launcher, gloo on loopback, default trusted-first-party provider).
+(e) (a) at batch 8 and (b) again with each worker a ``veil worker`` process on loopback
+    (WebSocket): real parallel parties, every message serialized (``--no-network`` skips it).
 
 veil defers products and truncations until their results are needed and then runs the
 queued ones together (``veil.mpc.protocols.batch``); the timings force every result
@@ -74,10 +76,15 @@ def median_time(fn: Callable[[], Any], repeats: int, per: int = 1) -> float:
 class PartyClock:
     """Exclusive time each VirtualWorker spends handling messages and commands.
 
-    Wraps ``node.handle`` and ``node.execute`` of the given workers (instance attributes,
-    restored on exit); a call nested in another worker's (a ``move`` delivering to a peer) is
-    charged to the inner worker only.
+    Wraps the node entry points of the given workers (instance attributes, restored on
+    exit): ``handle`` (messages), ``execute`` and ``_run`` (commands; in-process workers call
+    ``_run`` directly) and ``delete_ids``; a call nested in another worker's (a ``move``
+    delivering to a peer) is charged to the inner worker only. Work done without entering a
+    node (in-process moves and in-place updates of public tensors) stays with the
+    orchestrator, which makes the per-party estimate conservative.
     """
+
+    ENTRY_POINTS = ("handle", "execute", "_run", "delete_ids")
 
     def __init__(self, workers: list[Any]) -> None:
         self.workers = workers
@@ -101,13 +108,14 @@ class PartyClock:
 
     def __enter__(self) -> PartyClock:
         for w in self.workers:
-            w.node.handle = self._wrap(w.name, w.node.handle)
-            w.node.execute = self._wrap(w.name, w.node.execute)
+            for entry in self.ENTRY_POINTS:
+                setattr(w.node, entry, self._wrap(w.name, getattr(w.node, entry)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for w in self.workers:
-            del w.node.handle, w.node.execute
+            for entry in self.ENTRY_POINTS:
+                delattr(w.node, entry)
 
 
 def per_party_time(fn: Callable[[], Any], repeats: int, parties: list[Any], provider: Any,
@@ -202,6 +210,55 @@ def bench_veil(repeats: int) -> dict[str, Any]:
         "float64": median_time(lambda: ia.double() @ ib.double(), repeats),
     }
     return out
+
+
+# ---------------------------------------------------------------------- network
+
+
+def bench_network(repeats: int) -> dict[str, float]:
+    """(a) at batch 8 and (b) with each worker a separate ``veil worker`` process on loopback
+    (WebSocket, authenticated): real parallel parties, as CrypTen's two processes are, with
+    every share, mask and dealer bundle serialized and sent. Each timing ends with a flush of
+    every worker, so it covers the work, not only its sending."""
+    data = veil.datasets.boston()
+    token = veil.net.new_token()
+    procs = [veil.net.spawn_worker(n, token=token, args=["--threads", "1"])
+             for n in ("alice", "bob", "carol")]
+    try:
+        workers = [veil.net.connect(p.url, token=token, timeout=60) for p in procs]
+        alice, bob, carol = workers
+        try:
+            def done() -> None:
+                for w in workers:
+                    w.flush()
+
+            x = data.x_train[:8].fix_precision().share(alice, bob, crypto_provider=carol)
+            y = data.y_train[:8].fix_precision().share(alice, bob, crypto_provider=carol)
+            model = paper_mlp().fix_precision().share(alice, bob, crypto_provider=carol)
+            opt = torch.optim.SGD(model.parameters(), lr=0.001)
+
+            def step() -> None:
+                train_steps(model, opt, [(x, y)])
+                done()
+
+            a = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
+            b = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
+
+            def product() -> None:
+                (a @ b).child.shares  # noqa: B018 (forces the deferred product)
+                done()
+
+            for _ in range(3):
+                step()
+                product()
+            return {"mlp8": median_time(step, repeats * 2),
+                    "matmul": median_time(product, repeats * 2)}
+        finally:
+            for w in workers:
+                w.close()
+    finally:
+        for p in procs:
+            p.stop()
 
 
 # ---------------------------------------------------------------------- CrypTen
@@ -307,7 +364,8 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.1f} TB"
 
 
-def report(v: dict[str, Any], c: dict[str, Any] | None) -> None:
+def report(v: dict[str, Any], c: dict[str, Any] | None,
+           net: dict[str, float] | None = None) -> None:
     print(
         "veil: parties are in-process VirtualWorkers (2 parties + a crypto provider); "
         "timings are medians"
@@ -366,6 +424,16 @@ def report(v: dict[str, Any], c: dict[str, Any] | None) -> None:
             cm = c[key]["comm"]
             line += f"{cm['rounds']:>16.0f}{_fmt_bytes(cm['online_bytes']):>11}"
         print(line)
+    if net:
+        print()
+        print("veil with each worker in its own process (WebSocket on loopback, serialized):")
+        for key, label in (("mlp8", "MLP train, batch 8"), ("matmul", "matmul 256x256x256")):
+            line = f"  {label:<24}{net[key] * 1e3:>9.2f}ms"
+            if key == "mlp8":
+                line += f"{net[key] / v['mlp8']['plain']:>8.1f}x plain"
+            if c:
+                line += f"   CrypTen / veil {c[key]['time'] / net[key]:.2f}x"
+            print(line)
     ring = v["ring"]
     print()
     print(
@@ -379,11 +447,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-crypten", action="store_true")
+    parser.add_argument("--no-network", action="store_true",
+                        help="skip the run with workers in separate processes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     crypten_results = None if args.no_crypten else bench_crypten(args.repeats)
     veil_results = bench_veil(args.repeats)
-    report(veil_results, crypten_results)
+    network = None if args.no_network else bench_network(args.repeats)
+    report(veil_results, crypten_results, network)
 
 
 if __name__ == "__main__":
