@@ -1,4 +1,16 @@
-"""The client's handle on a network worker: :func:`connect` and :class:`WebSocketWorker`."""
+"""The client's handle on a network worker: :func:`connect` and :class:`WebSocketWorker`.
+
+Moves between two network workers go worker to worker and cost the client no round trip.
+A ``MoveObject`` submitted to the source's handle puts an :class:`~veil.workers._messages.
+AwaitObject` for the new id into the destination handle's stream, right after what is already
+buffered there: the destination worker waits (without blocking its other connections) until
+the object has arrived, or the source reports that the move failed, before it handles what
+the client sent after it. The one ordering rule on this side: before a handle sends a frame,
+the sources of the moves its buffered ``AwaitObject`` messages wait for have sent the frames
+that carry those moves (the destination would otherwise wait for an object no worker was
+asked to send). An ``AwaitObject`` whose move is known to be finished (the source answered
+the frame that carried it) or lost (the source's connection closed) is left out.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +27,7 @@ from veil.net._frames import batch_frame, session_address, split_address
 from veil.net._tls import client_context
 from veil.serde import decode, encode
 from veil.workers import DeleteObjects, ErrorReply, MoveObject, Reply, Worker
+from veil.workers._messages import AwaitObject
 
 #: Buffered messages are sent early (without waiting for a request) past this many bytes...
 FLUSH_BYTES = 8 << 20
@@ -27,6 +40,23 @@ _FRAME_OVERHEAD = 64
 
 #: Open handles by address, so that a move to one of them can order itself (see _submit).
 _HANDLES: weakref.WeakValueDictionary[str, WebSocketWorker] = weakref.WeakValueDictionary()
+
+
+class _Await:
+    """A buffered ``AwaitObject``: its bytes and the frame of the source that moves the object."""
+
+    __slots__ = ("conn", "data", "seq", "source")
+
+    def __init__(self, data: bytes, source: WebSocketWorker) -> None:
+        self.data = data
+        self.source = source
+        self.conn = source._conn
+        self.seq = source._sent_seq + 1  # the move is in the source's next frame
+
+    def needed(self) -> bool:
+        """Whether the destination must still wait: the move may not have happened yet."""
+        source = self.source
+        return source._conn is self.conn and self.conn.open and source._done_seq < self.seq
 
 
 def connect(
@@ -111,8 +141,12 @@ class WebSocketWorker(Worker):
         self._ssl = ssl_context
         self._max_reply = max_reply
         self._lock = threading.RLock()
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | _Await] = []
         self._pending_bytes = 0
+        self._awaits = 0  # _Await entries in _pending
+        self._sending = False  # sending a frame: the sources of its moves are being pushed
+        self._sent_seq = 0  # frames sent on this connection
+        self._done_seq = 0  # frames of this connection whose reply has been read
         self._unacked = 0
         self._ack_error: ErrorReply | None = None
         self._after: weakref.WeakSet[WebSocketWorker] = weakref.WeakSet()
@@ -143,6 +177,8 @@ class WebSocketWorker(Worker):
 
     def _install(self, conn: BlockingConnection, welcome: Welcome) -> None:
         self._conn = conn
+        self._sent_seq = 0
+        self._done_seq = 0
         self.limits = dict(welcome.limits)
         self._max_frame = int(self.limits.get("max_frame", 1 << 31))
         self._address = session_address(self.url, welcome.session_key)
@@ -171,8 +207,7 @@ class WebSocketWorker(Worker):
     def close(self) -> None:
         """Close the connection; the worker releases the objects this handle created."""
         with self._lock:
-            self._pending.clear()
-            self._pending_bytes = 0
+            self._clear_pending()
             self._conn.close()
 
     def reconnect(self) -> None:
@@ -185,8 +220,7 @@ class WebSocketWorker(Worker):
                 raise WorkerUnavailable(f"{self.url} is now worker {worker!r}, not {self.name!r}")
             self._old_sent += self._conn.bytes_sent
             self._old_received += self._conn.bytes_received
-            self._pending.clear()
-            self._pending_bytes = 0
+            self._clear_pending()
             self._unacked = 0
             self._ack_error = None
             self._gc.clear()
@@ -207,8 +241,6 @@ class WebSocketWorker(Worker):
     # ------------------------------------------------------------------ transport
 
     def _submit(self, msg: Any) -> None:
-        if self._after:
-            self._sync_sources()
         if self._gc and type(msg) is not DeleteObjects:
             # Remote objects whose pointers died are deleted before what comes next, in the
             # same frame: the worker's memory (and the client's object budget) follows the
@@ -231,18 +263,67 @@ class WebSocketWorker(Worker):
             self._pending_bytes += len(data)
             self.messages += 1
         if type(msg) is MoveObject:
-            # Nothing sent to the destination may run before this worker has delivered the
-            # object: the destination flushes this handle before it takes its next message.
-            # (Syncing at the next message, not at the next frame, keeps crossing moves
-            # right: alice -> bob and bob -> alice, each followed by a use of what came in.)
+            # Nothing sent to the destination after this may run before this worker has
+            # delivered the object: the destination worker waits for it (see the module
+            # docstring). Crossing moves (alice -> bob and bob -> alice, each followed by a
+            # use of what came in) are fine: each worker waits only for moves submitted
+            # before the wait, and handles its peers' deliveries while it waits.
             dest = _HANDLES.get(msg.destination)
-            if dest is not None and dest is not self:
-                dest._after.add(self)
+            if dest is not None and dest is not self and dest._conn.open:
+                dest._expect(self, msg.new_id)
 
-    def _sync_sources(self) -> None:
-        while self._after:
-            source = self._after.pop()
-            source.flush()
+    def _expect(self, source: WebSocketWorker, new_id: bytes) -> None:
+        """Buffer an ``AwaitObject`` for the object ``source`` is moving here as ``new_id``."""
+        data = encode(AwaitObject(new_id, source.name))
+        entry = _Await(data, source)  # before an early send here may push the source
+        with self._lock:
+            if (
+                self._pending_bytes + len(data) + _FRAME_OVERHEAD
+                > min(self._max_frame, FLUSH_BYTES)
+                or len(self._pending) >= FLUSH_MESSAGES
+            ):
+                self._send_early()
+            self._pending.append(entry)
+            self._pending_bytes += len(data)
+            self._awaits += 1
+            self.messages += 1
+            self._after.add(source)
+
+    def _push_sources(self) -> None:
+        """Have the sources of the buffered moves into this worker send their frames.
+
+        Called before this handle sends a frame. A source that is itself sending (a cycle:
+        crossing moves) sends right after; the frames of one such cycle are all written
+        before the client waits for any reply, and each worker waits only for moves the
+        program submitted before the wait, so no worker waits for one that is never sent.
+        """
+        self._sending = True
+        try:
+            while self._after:
+                source = self._after.pop()
+                if not source._sending:
+                    source._push()
+        finally:
+            self._sending = False
+
+    def _take_frame(self) -> bytes:
+        """The buffered messages as one frame (the buffer is emptied)."""
+        if self._awaits:
+            parts = [
+                p if type(p) is bytes else p.data
+                for p in self._pending
+                if type(p) is bytes or p.needed()  # type: ignore[union-attr]
+            ]
+        else:
+            parts = self._pending  # type: ignore[assignment]
+        frame = batch_frame(parts)  # type: ignore[arg-type]
+        self._clear_pending()
+        return frame
+
+    def _clear_pending(self) -> None:
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._awaits = 0
 
     _predict_grads = True
 
@@ -254,11 +335,11 @@ class WebSocketWorker(Worker):
         """Send the buffered messages now; their acknowledgement is read later."""
         if not self._pending:
             return
-        self._sync_sources()
-        frame = batch_frame(self._pending)
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._send(frame)
+        if self._after:
+            self._push_sources()
+            if not self._pending:
+                return
+        self._send(self._take_frame())
         self._unacked += 1
         while self._unacked > MAX_UNACKED:
             self._read_ack()
@@ -271,7 +352,6 @@ class WebSocketWorker(Worker):
 
     def _send_request(self, msg: Any) -> Reply | ErrorReply:
         data = encode(msg)
-        self._sync_sources()
         with self._lock:
             if self._pending_bytes + len(data) + _FRAME_OVERHEAD > self._max_frame:
                 self._send_early()
@@ -280,12 +360,11 @@ class WebSocketWorker(Worker):
                     f"a {type(msg).__name__} of {len(data)} bytes is over worker "
                     f"{self.name}'s frame limit of {self._max_frame} bytes"
                 )
+            if self._after:
+                self._push_sources()
             self._pending.append(data)
-            frame = batch_frame(self._pending)
             self.messages += 1
-            self._pending.clear()
-            self._pending_bytes = 0
-            self._send(frame)
+            self._send(self._take_frame())
             while self._unacked:
                 self._read_ack()
             reply = self._recv()
@@ -301,10 +380,12 @@ class WebSocketWorker(Worker):
                 "call .reconnect() or veil.connect() again"
             )
         self.frames += 1
+        self._sent_seq += 1
         self._conn.send(frame)
 
     def _recv(self) -> Reply | ErrorReply:
         data = self._conn.recv()
+        self._done_seq += 1
         try:
             reply = decode(data)
         except Exception as exc:

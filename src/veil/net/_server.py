@@ -13,7 +13,18 @@ session's objects are released; data the worker hosts stays.
 Moves go worker to worker: the node hands the object to :meth:`_queue_move`, and the server
 delivers it (:class:`~veil.net._peers.PeerLinks`) before handling the client's next message.
 A move's destination address names the receiving client's session, so the moved object
-counts against, and is released with, that client's session there.
+counts against, and is released with, that client's session there. A move the node refuses
+(a missing object, an earlier error of the session...) is reported to the destination with a
+``MoveFailed`` over the same link.
+
+The client orders a move against what it sends the destination with an ``AwaitObject`` in the
+destination's stream: the destination's frame waits there (awaiting, so the loop goes on
+serving other connections, among them the peer links that deliver objects) until the object
+is stored in that client's session, or its delivery or the move failed (the session then
+fails with that error), or the peer timeout passes (the session fails naming the object and
+the source worker). Each worker handles a client's messages in order and its peers'
+deliveries concurrently, and a client only waits for moves it submitted before the wait, so
+crossing moves cannot wait for each other.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from websockets.frames import CloseCode
 from veil._errors import (
     AuthenticationError,
     LimitExceeded,
+    ProtocolError,
     SerializationError,
     VeilError,
     WorkerUnavailable,
@@ -53,19 +65,45 @@ from veil.net._auth import (
 from veil.net._limits import HeldObjects, Limits
 from veil.net._peers import PeerLinks
 from veil.serde import decode, encode
-from veil.workers import Batch, ErrorReply, Reply, Session, WorkerNode, new_id
+from veil.workers import (
+    Batch,
+    ErrorReply,
+    MoveObject,
+    Reply,
+    Session,
+    StoreObject,
+    WorkerNode,
+    new_id,
+)
+from veil.workers._messages import AwaitObject, MoveFailed
 from veil.workers._node import error_reply
 
 log = logging.getLogger("veil.worker")
 
 #: Errors logged per connection; later ones are counted and summed up when it closes.
 LOGGED_ERRORS = 20
+#: Failed moves into a session remembered until an ``AwaitObject`` asks (the oldest go first).
+MAX_FAILED_MOVES = 4096
+#: Longest error message a ``MoveFailed`` carries.
+MAX_REASON = 2000
 
 
 class _Client:
     """The state of one authenticated connection."""
 
-    __slots__ = ("errors", "frames", "key", "links", "name", "session", "target", "where", "ws")
+    __slots__ = (
+        "errors",
+        "failed",
+        "frames",
+        "key",
+        "links",
+        "name",
+        "session",
+        "target",
+        "waiting",
+        "where",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -85,6 +123,10 @@ class _Client:
         self.links: set[ServerConnection] = set()
         self.frames = 0
         self.errors = 0
+        # Moves into this client's session: the one its frame waits for, and failures that
+        # arrived before their AwaitObject.
+        self.waiting: dict[bytes, asyncio.Future[ErrorReply | None]] = {}
+        self.failed: dict[bytes, ErrorReply] = {}
 
     def describe(self) -> str:
         if self.target is not None:
@@ -373,10 +415,21 @@ class WorkerServer:
         reply: Reply | ErrorReply | None = None
         last = len(msgs) - 1
         for i, m in enumerate(msgs):
+            t = type(m)
+            if t is AwaitObject or t is MoveFailed:
+                await self._move_signal(m, client)
+                reply = None
+                continue
             held.added.clear()
+            queued = len(self._outbox)
             reply = node.handle(m, session)
             if held.nbytes > self.limits.max_bytes:
                 self._roll_back(session, held, m)
+            if t is StoreObject and client.target is not None:
+                # A peer's delivery into its target's session (rolled back if over a limit).
+                self._settle_move(client.target, m.id, session.error)
+            elif t is MoveObject and len(self._outbox) == queued:
+                self._queue_move_failure(m, session)
             if self._outbox:
                 pending, self._outbox = self._outbox, []
                 await self._deliver(pending, session)
@@ -402,6 +455,77 @@ class WorkerServer:
         )
 
     # ------------------------------------------------------------------ moves
+
+    async def _move_signal(self, msg: AwaitObject | MoveFailed, client: _Client) -> None:
+        """Handle an ``AwaitObject`` from a client or a ``MoveFailed`` from a peer link."""
+        session = client.session
+        if type(msg) is MoveFailed:
+            if client.target is None:
+                session.fail(
+                    ProtocolError("MoveFailed is sent by workers delivering moves, not clients"),
+                    "MoveFailed",
+                )
+                return
+            text = msg.message[:MAX_REASON]
+            self._settle_move(client.target, msg.id, ErrorReply(msg.kind[:100], text, None))
+            return
+        if session.error is not None:
+            return  # like any pipelined message after a failure: skipped
+        if client.target is not None:
+            session.fail(
+                ProtocolError("AwaitObject is sent by clients, not by workers delivering moves"),
+                "AwaitObject",
+            )
+            return
+        oid = msg.id
+        if oid in session.created:
+            return  # already here
+        what = f"object {oid.hex()[:12]}… that worker {msg.source[:100]!r} was moving here"
+        error = client.failed.pop(oid, None)
+        if error is None:
+            if oid in client.waiting:  # cannot happen: a client's frames run one at a time
+                session.fail(ProtocolError(f"already waiting for {what}"), "AwaitObject")
+                return
+            fut: asyncio.Future[ErrorReply | None] = asyncio.get_running_loop().create_future()
+            client.waiting[oid] = fut
+            try:
+                error = await asyncio.wait_for(fut, self.limits.peer_timeout)
+            except TimeoutError:
+                session.fail(
+                    WorkerUnavailable(
+                        f"{what} did not arrive within {self.limits.peer_timeout:g} s (that "
+                        "worker may be unreachable, or refused to deliver to this one)"
+                    ),
+                    "move",
+                )
+                return
+            finally:
+                if client.waiting.get(oid) is fut:
+                    del client.waiting[oid]
+        if error is not None:
+            reason = f"{error.op} failed: {error.message}" if error.op else error.message
+            session.error = session.error or ErrorReply(
+                error.kind, f"{what} did not come: {reason}"[: 2 * MAX_REASON], "move"
+            )
+
+    def _settle_move(self, target: _Client, oid: bytes, error: ErrorReply | None) -> None:
+        """A move into ``target``'s session stored ``oid`` (``error`` None) or failed."""
+        fut = target.waiting.pop(oid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(error)
+            return
+        if error is not None:
+            failed = target.failed
+            failed[oid] = error
+            while len(failed) > MAX_FAILED_MOVES:
+                del failed[next(iter(failed))]
+
+    def _queue_move_failure(self, msg: MoveObject, session: Session) -> None:
+        """The node did not carry out ``msg``: tell the destination, which may be waiting."""
+        err = session.error or ErrorReply("RemoteError", "the move was not carried out", None)
+        reason = f"{err.op} failed on {self.name}: {err.message}" if err.op else err.message
+        failure = MoveFailed(msg.new_id, err.kind, reason[:MAX_REASON])
+        self._outbox.append((msg.destination, failure))
 
     def _queue_move(self, address: str, msg: Any) -> None:
         """The node's ``send_to_peer``: delivered by :meth:`_deliver` right after the message."""

@@ -4,6 +4,11 @@ Each message is a small dataclass registered with the wire format under a fixed 
 ``validate()`` runs after decoding so that a worker never acts on a field of the wrong type.
 Messages that need no answer (store, delete, execute, move) can be pipelined: a worker
 answers only the messages that ask for a reply (fetch, search, query, a flush).
+
+Two messages order worker-to-worker moves between network workers (:mod:`veil.net`): a client
+puts an :class:`AwaitObject` in the destination's stream right where the moved object is
+first needed, and a source worker that cannot carry out a move tells the destination with a
+:class:`MoveFailed` (sent over its worker-to-worker link, never by clients).
 """
 
 from __future__ import annotations
@@ -199,6 +204,37 @@ class Batch:
             raise SerializationError("messages must be a sequence")
 
 
+@register_message(10)
+@dataclass(slots=True)
+class AwaitObject:
+    """Wait (up to the worker's peer timeout) until the object that worker ``source`` is
+    moving here arrives as ``id``; the move's failure, reported by the source, fails here too."""
+
+    id: bytes
+    source: str
+
+    def validate(self) -> None:
+        _check_id(self.id)
+        if type(self.source) is not str:
+            raise SerializationError("source must be a str")
+
+
+@register_message(11)
+@dataclass(slots=True)
+class MoveFailed:
+    """From a source worker: the move that was to store ``id`` here failed with the error
+    ``kind`` (a veil exception class name) and ``message``."""
+
+    id: bytes
+    kind: str
+    message: str
+
+    def validate(self) -> None:
+        _check_id(self.id)
+        if type(self.kind) is not str or type(self.message) is not str:
+            raise SerializationError("kind and message must be strings")
+
+
 @register_message(20)
 @dataclass(slots=True)
 class Reply:
@@ -236,4 +272,4 @@ class ObjectInfo:
 
 
 CLIENT_MESSAGES = (StoreObject, FetchObject, DeleteObjects, ExecuteCommand, SearchObjects,
-                   MoveObject, Query, StoreModule, Batch)
+                   MoveObject, Query, StoreModule, Batch, AwaitObject)
