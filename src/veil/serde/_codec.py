@@ -220,9 +220,16 @@ def encode(obj: Any) -> bytes:
 # ----------------------------------------------------------------------------- decode
 
 
+#: A tensor header (dtype code, shape of at most MAX_NDIM sizes, requires_grad) fits in this.
+_HEADER_BYTES = 16 + 9 * MAX_NDIM
+
+
 def _decode_tensor(data: bytes) -> torch.Tensor:
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
-    unpacker.feed(data)
+    # Only the header goes through the unpacker, and the payload is read in place: one copy
+    # of the tensor's bytes (into memory the tensor owns) instead of three, which matters for
+    # large tensors (each fresh buffer costs page faults, ~0.14 ms per 512 KiB here).
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_HEADER_BYTES)
+    unpacker.feed(data[:_HEADER_BYTES])
     header = unpacker.unpack()
     offset = unpacker.tell()
     if not (isinstance(header, list) and len(header) == 3):
@@ -241,7 +248,7 @@ def _decode_tensor(data: bytes) -> torch.Tensor:
     for s in shape:
         numel *= s
     itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = data[offset:]
+    raw = memoryview(data)[offset:]
     if len(raw) != numel * itemsize:
         raise SerializationError(
             f"tensor of shape {shape} and dtype {dtype} needs {numel * itemsize} bytes, "
