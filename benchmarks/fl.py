@@ -17,8 +17,6 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -42,27 +40,9 @@ def local_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         opt.step()
 
 
-@contextlib.contextmanager
-def websocket_workers() -> Iterator[list[veil.Worker]]:
+def websocket_workers() -> contextlib.AbstractContextManager[list[veil.Worker]]:
     """Two ``veil worker`` processes on loopback (alice, bob), connected; stopped afterwards."""
-    token = veil.net.new_token()
-    with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(veil.net.spawn_worker, name, token=token,
-                               args=["--threads", "1"]) for name in ("alice", "bob")]
-    procs = [f.result() for f in futures if f.exception() is None]
-    try:
-        for f in futures:
-            if f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
-        conns = [veil.connect(p.url, token=token, timeout=60) for p in procs]
-        try:
-            yield conns
-        finally:
-            for c in conns:
-                c.close()
-    finally:
-        for p in procs:
-            p.stop()
+    return veil.net.local_workers("alice", "bob")  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> None:

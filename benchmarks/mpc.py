@@ -221,44 +221,34 @@ def bench_network(repeats: int) -> dict[str, float]:
     every share, mask and dealer bundle serialized and sent. Each timing ends with a flush of
     every worker, so it covers the work, not only its sending."""
     data = veil.datasets.boston()
-    token = veil.net.new_token()
-    procs = [veil.net.spawn_worker(n, token=token, args=["--threads", "1"])
-             for n in ("alice", "bob", "carol")]
-    try:
-        workers = [veil.net.connect(p.url, token=token, timeout=60) for p in procs]
+    with veil.net.local_workers("alice", "bob", "carol") as workers:
         alice, bob, carol = workers
-        try:
-            def done() -> None:
-                for w in workers:
-                    w.flush()
 
-            x = data.x_train[:8].fix_precision().share(alice, bob, crypto_provider=carol)
-            y = data.y_train[:8].fix_precision().share(alice, bob, crypto_provider=carol)
-            model = paper_mlp().fix_precision().share(alice, bob, crypto_provider=carol)
-            opt = torch.optim.SGD(model.parameters(), lr=0.001)
-
-            def step() -> None:
-                train_steps(model, opt, [(x, y)])
-                done()
-
-            a = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
-            b = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
-
-            def product() -> None:
-                (a @ b).child.shares  # noqa: B018 (forces the deferred product)
-                done()
-
-            for _ in range(3):
-                step()
-                product()
-            return {"mlp8": median_time(step, repeats * 2),
-                    "matmul": median_time(product, repeats * 2)}
-        finally:
+        def done() -> None:
             for w in workers:
-                w.close()
-    finally:
-        for p in procs:
-            p.stop()
+                w.flush()
+
+        x = data.x_train[:8].fix_precision().share(alice, bob, crypto_provider=carol)
+        y = data.y_train[:8].fix_precision().share(alice, bob, crypto_provider=carol)
+        model = paper_mlp().fix_precision().share(alice, bob, crypto_provider=carol)
+        opt = torch.optim.SGD(model.parameters(), lr=0.001)
+
+        def step() -> None:
+            train_steps(model, opt, [(x, y)])
+            done()
+
+        a = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
+        b = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
+
+        def product() -> None:
+            (a @ b).child.shares  # noqa: B018 (forces the deferred product)
+            done()
+
+        for _ in range(3):
+            step()
+            product()
+        return {"mlp8": median_time(step, repeats * 2),
+                "matmul": median_time(product, repeats * 2)}
 
 
 # ---------------------------------------------------------------------- CrypTen

@@ -82,3 +82,17 @@ def test_a_worker_hosts_the_boston_table(spawn):
                 theirs[:, 13].mean().item()
     log = proc.log()
     assert "hosting housing.csv: 506 rows x 14 columns as #boston (private, allowed: me)" in log
+
+
+def test_local_workers_start_connect_and_stop():
+    with veil.net.local_workers("alice", "bob", args=["--max-objects", "100"]) as (alice, bob):
+        assert (alice.name, bob.name) == ("alice", "bob")
+        moved = (torch.ones(3).send(alice) * 2).move(bob)
+        assert moved.get().tolist() == [2.0, 2.0, 2.0]
+        assert alice.limits["max_objects"] == 100
+    assert not alice._conn.open and not bob._conn.open
+    with pytest.raises(veil.WorkerUnavailable):
+        alice.flush()
+    with pytest.raises(ValueError, match="at least one"):
+        with veil.net.local_workers():
+            pass

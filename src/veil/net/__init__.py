@@ -11,7 +11,7 @@ A network worker understands the same messages, in the same wire format, as a
 from veil.net._auth import TokenBook, new_token, read_token
 from veil.net._client import WebSocketWorker, connect
 from veil.net._limits import Limits, parse_size
-from veil.net._process import WorkerProcess, spawn_worker
+from veil.net._process import WorkerProcess, local_workers, spawn_worker
 from veil.net._server import WorkerServer
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "WorkerProcess",
     "WorkerServer",
     "connect",
+    "local_workers",
     "new_token",
     "parse_size",
     "read_token",

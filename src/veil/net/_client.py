@@ -253,11 +253,7 @@ class WebSocketWorker(Worker):
                     f"a {type(msg).__name__} of {len(data)} bytes is over worker "
                     f"{self.name}'s frame limit of {self._max_frame} bytes"
                 )
-            if (
-                self._pending_bytes + len(data) + _FRAME_OVERHEAD
-                > min(self._max_frame, FLUSH_BYTES)
-                or len(self._pending) >= FLUSH_MESSAGES
-            ):
+            if self._buffer_full(len(data)):
                 self._send_early()
             self._pending.append(data)
             self._pending_bytes += len(data)
@@ -272,16 +268,19 @@ class WebSocketWorker(Worker):
             if dest is not None and dest is not self and dest._conn.open:
                 dest._expect(self, msg.new_id)
 
+    def _buffer_full(self, nbytes: int) -> bool:
+        """Whether the buffered messages go out before ``nbytes`` more are buffered."""
+        return (
+            self._pending_bytes + nbytes + _FRAME_OVERHEAD > min(self._max_frame, FLUSH_BYTES)
+            or len(self._pending) >= FLUSH_MESSAGES
+        )
+
     def _expect(self, source: WebSocketWorker, new_id: bytes) -> None:
         """Buffer an ``AwaitObject`` for the object ``source`` is moving here as ``new_id``."""
         data = encode(AwaitObject(new_id, source.name))
         entry = _Await(data, source)  # before an early send here may push the source
         with self._lock:
-            if (
-                self._pending_bytes + len(data) + _FRAME_OVERHEAD
-                > min(self._max_frame, FLUSH_BYTES)
-                or len(self._pending) >= FLUSH_MESSAGES
-            ):
+            if self._buffer_full(len(data)):
                 self._send_early()
             self._pending.append(entry)
             self._pending_bytes += len(data)

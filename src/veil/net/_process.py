@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,10 +10,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from veil._errors import WorkerUnavailable
 from veil.net._auth import new_token
+
+if TYPE_CHECKING:
+    from veil.net._client import WebSocketWorker
 
 
 class WorkerProcess:
@@ -144,3 +151,50 @@ class WorkerProcess:
 def spawn_worker(name: str, **kwargs: object) -> WorkerProcess:
     """Start ``veil worker --name NAME`` on a free loopback port; see :class:`WorkerProcess`."""
     return WorkerProcess(name, **kwargs)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def local_workers(
+    *names: str,
+    threads: int | None = 1,
+    args: tuple[str, ...] | list[str] = (),
+    timeout: float = 60.0,
+) -> Iterator[list[WebSocketWorker]]:
+    """Start one ``veil worker`` process per name on loopback, at once, and connect to each.
+
+    For experiments and benchmarks on one machine: the workers share a fresh token, each
+    runs torch on ``threads`` threads (``None``: torch's default; 1 keeps several workers from
+    fighting over the cores), with ``args`` passed on. Yields the connected handles, in the
+    order of ``names``; on exit (also on error) the connections close and the processes stop.
+    If any worker fails to start, the others are stopped and its error is raised.
+
+    Example::
+
+        with veil.net.local_workers("alice", "bob") as (alice, bob):
+            (torch.ones(3).send(alice) * 2).get()
+    """
+    from veil.net._client import connect
+
+    if not names:
+        raise ValueError("local_workers needs at least one worker name")
+    token = new_token()
+    extra = [*args] + ([] if threads is None else ["--threads", str(threads)])
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = [pool.submit(spawn_worker, n, token=token, args=extra) for n in names]
+    procs = [f.result() for f in futures if f.exception() is None]
+    try:
+        for f in futures:
+            error = f.exception()
+            if error is not None:
+                raise error
+        handles: list[WebSocketWorker] = []
+        try:
+            for p in procs:
+                handles.append(connect(p.url, token=token, timeout=timeout))
+            yield handles
+        finally:
+            for h in handles:
+                h.close()
+    finally:
+        for p in procs:
+            p.stop()
