@@ -93,6 +93,5 @@ def test_local_workers_start_connect_and_stop():
     assert not alice._conn.open and not bob._conn.open
     with pytest.raises(veil.WorkerUnavailable):
         alice.flush()
-    with pytest.raises(ValueError, match="at least one"):
-        with veil.net.local_workers():
-            pass
+    with pytest.raises(ValueError, match="at least one"), veil.net.local_workers():
+        pass
