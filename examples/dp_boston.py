@@ -34,10 +34,10 @@ together. Without stage 1 (the whole network fine-tuned from ``w = 0`` for 100 e
 table was 29.4 +- 7.2, 17.9, 13.1, 10.8, 9.3. Choices were made on splits of the *training*
 rows (324 fit / 80 validation, two splits, seeds 100-109, never the test rows): 20 or 40
 stage-1 epochs, learning rates 0.003 and 0.005 and 0, 20 or 50 stage-2 epochs were within
-noise of each other at epsilon 0.5 (validation MSE 38-42, against 46 without stage 1), and
-50 stage-2 epochs were best at epsilon 2 (31.4 against 33-36). A DP linear fit by
-sufficient-statistics perturbation was tried before as the starting point and did not pay:
-at 404 rows its noise swamps the 14 x 14 Gram matrix.
+noise of each other at epsilon 0.5 (validation MSE 38-42, against 44 without stage 1), and
+50 stage-2 epochs were best at epsilon 2 (31.4-33.2, against 32.5-35.0 with 20 and 35.3-37.5
+with none). A DP linear fit by sufficient-statistics perturbation was tried before as the
+starting point and did not pay: at 404 rows its noise swamps the 14 x 14 Gram matrix.
 
 DP hyperparameters (the same for every epsilon, see ``HYPER``): expected batch size 64,
 DP-Adam (the noisy clipped gradient of DP-SGD fed to Adam) with learning rate 0.003, clipping
