@@ -39,7 +39,7 @@ Shape = tuple[int, ...]
 class Layout:
     """Where each named piece sits in a flat bundle: arithmetic pieces first, then XOR ones."""
 
-    __slots__ = ("_names", "_shapes", "_sizes", "arith_len", "pieces", "total")
+    __slots__ = ("arith_len", "pieces", "total")
 
     def __init__(self, arith: Sequence[tuple[str, Shape]], xor: Sequence[tuple[str, Shape]] = ()):
         self.pieces: dict[str, tuple[int, int, Shape]] = {}
@@ -50,9 +50,6 @@ class Layout:
             pos += numel
         self.arith_len = sum(_numel(s) for _, s in arith)
         self.total = pos
-        self._names = tuple(self.pieces)
-        self._sizes = [numel for _, numel, _ in self.pieces.values()]
-        self._shapes = tuple(shape for _, _, shape in self.pieces.values())
 
     def views(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of one bundle row by piece name, made once per row (a protocol run reads
@@ -62,9 +59,7 @@ class Layout:
         if cached is not None and cached[0] is self:
             return cached[1]
         self._check(row)
-        out = {}
-        for name, part, shape in zip(self._names, row.split(self._sizes), self._shapes):
-            out[name] = part if len(shape) == 1 else part.view(shape)
+        out = self.unpack(row)
         row._veil_views = (self, out)
         return out
 
@@ -274,12 +269,6 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, PACK) << lanes).sum(1)
 
 
-def unpack_bits(words: torch.Tensor, numel: int) -> torch.Tensor:
-    """The inverse of :func:`pack_bits`, cut to the first ``numel`` values."""
-    lanes = torch.arange(PACK, dtype=torch.int64, device=words.device)
-    return ((words.unsqueeze(1) >> lanes) & 1).reshape(-1)[:numel]
-
-
 @functools.lru_cache(maxsize=4096)
 def sign_layout(numel: int, relu: bool) -> Layout:
     """Bundle of one batched sign (comparison with zero) of ``numel`` values.
@@ -363,5 +352,4 @@ __all__ = [
     "sign_layout",
     "split_values",
     "trunc_layout",
-    "unpack_bits",
 ]

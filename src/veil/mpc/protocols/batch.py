@@ -228,16 +228,9 @@ def _steps(plan: str, args: tuple[Any, ...]) -> tuple[_Step, ...]:
     return steps
 
 
-def _sizes(specs: Any) -> list[int]:
-    """Length of each op's piece of the first message."""
-    return [
-        _numel(spec[2]) + _numel(spec[3]) if spec[0] == "b" else _numel(spec[1])
-        for spec in specs
-    ]
-
-
 def _mask_meta(i: int, plan: str, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(sum(_sizes(parse_plan(plan))), dtype=torch.int64, device="meta")
+    steps, _, _ = compile_plan(plan)
+    out = torch.empty(sum(st.size for st in steps), dtype=torch.int64, device="meta")
     return out, out
 
 

@@ -27,7 +27,7 @@ import torch
 
 from veil.mpc._runtime import Context, exchange, material, opened
 from veil.mpc.protocols import truncation
-from veil.mpc.provider import beaver_layout, deal_beaver, product_shape, ring_product
+from veil.mpc.provider import beaver_layout, deal_beaver, ring_product
 from veil.pointers import remote_function
 
 
@@ -87,26 +87,7 @@ def product_share(
     return z
 
 
-def _finish_meta(
-    i: int,
-    msg: torch.Tensor,
-    parts: tuple[torch.Tensor, ...],
-    row: torch.Tensor,
-    kind: str,
-    sx: tuple[int, ...],
-    sy: tuple[int, ...],
-    params: tuple[Any, ...],
-    trunc: int,
-    addend: torch.Tensor | None = None,
-) -> Any:
-    shape = product_shape(kind, tuple(sx), tuple(sy), tuple(params))
-    out = torch.empty(shape, dtype=torch.int64, device="meta")
-    if trunc:
-        return out, out
-    return out if addend is None else out + addend
-
-
-@remote_function("mpc.beaver_finish", meta=_finish_meta)
+@remote_function("mpc.beaver_finish")
 def beaver_finish(
     i: int,
     msg: torch.Tensor,

@@ -262,7 +262,7 @@ def sign_finish(
     """Last step: shares of ``[x >= 0]`` (and of ``relu(x)``), shaped like ``x``."""
     numel = x.numel()
     p = sign_layout(numel, relu).arrays(row)
-    # The opened b ^ rho, unpacked (value 32k + s at bit s of word k).
+    # The opened b ^ rho, unpacked (value 32k + s at bit s of word k: provider.pack_bits).
     e = ((_opened(msg, parts, True)[:, None] >> _LANES) & 1).reshape(-1)[:numel]
     pub = public.numpy()
     c = pub[:numel]

@@ -122,19 +122,7 @@ def trunc_mask(
     return msg, msg
 
 
-def _finish_meta(
-    i: int,
-    msg: torch.Tensor,
-    parts: tuple[torch.Tensor, ...],
-    row: torch.Tensor,
-    bits: int,
-    addend: torch.Tensor | None = None,
-) -> torch.Tensor:
-    out = torch.empty(msg.shape, dtype=torch.int64, device="meta")
-    return out if addend is None else out + addend
-
-
-@remote_function("mpc.trunc_finish", meta=_finish_meta)
+@remote_function("mpc.trunc_finish")
 def trunc_finish(
     i: int,
     msg: torch.Tensor,
