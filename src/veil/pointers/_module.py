@@ -29,6 +29,7 @@ from veil.pointers._tensor import (
     _add_deps,
     _dispatch,
     _to_meta,
+    _union_deps,
     _Walk,
     _wire,
 )
@@ -192,12 +193,11 @@ class _RemoteForward:
 
 def _deps_of(tensors: tuple[Any, ...]) -> frozenset[bytes] | None:
     """Union of the leaf dependencies of the pointers among ``tensors`` that require grad."""
-    w = _Walk("")
-    w.deps = _NO_DEPS
+    deps: frozenset[bytes] | None = _NO_DEPS
     for t in tensors:
         if type(t) is PointerTensor and t._key[2]:
-            _add_deps(w, t._deps)
-    return w.deps
+            deps = _union_deps(deps, t._deps)
+    return deps
 
 
 def get_module(module: nn.Module) -> nn.Module:

@@ -262,11 +262,16 @@ class _Walk:
         self.deps: frozenset[bytes] | None = _NO_DEPS
 
 
+def _union_deps(acc: frozenset[bytes] | None, deps: frozenset[bytes] | None
+                ) -> frozenset[bytes] | None:
+    """Leaf dependencies ``acc`` joined with ``deps`` (None, "not known", absorbs)."""
+    if acc is None or deps is None:
+        return None
+    return acc | deps if acc and deps else acc or deps
+
+
 def _add_deps(w: _Walk, deps: frozenset[bytes] | None) -> None:
-    if deps is None:
-        w.deps = None
-    elif w.deps is not None and deps:
-        w.deps = w.deps | deps if w.deps else deps
+    w.deps = _union_deps(w.deps, deps)
 
 
 def _wire(a: Any, w: _Walk) -> Any:
@@ -379,11 +384,7 @@ def run_remote(name: str, shape_fn: Any, args: Any, kwargs: dict[str, Any],
             k = a._key
             key.append(k)
             if k[2]:
-                d = a._deps
-                if d is None or deps is None:
-                    deps = None
-                elif d:
-                    deps = deps | d if deps else d
+                deps = _union_deps(deps, a._deps)
             wargs.append(a._ref)
         elif t in _SIMPLE:
             key.append((t, a))
@@ -485,20 +486,34 @@ def _inplace_deps(args: Any, kwargs: dict[str, Any]) -> None:
     target = args[0]
     if type(target) is not PointerTensor:
         return
-    w = _Walk("")
+    deps: frozenset[bytes] | None = _NO_DEPS
     for a in (*args, *kwargs.values()):
         if type(a) is PointerTensor and a._key[2]:
-            _add_deps(w, a._deps)
+            deps = _union_deps(deps, a._deps)
         elif isinstance(a, (tuple, list)):
-            w.deps = None  # nested pointers: not followed
-    if w.deps:
-        target._deps = None if target._deps is None else target._deps | w.deps
-    elif w.deps is None:
-        target._deps = None
+            deps = None  # nested pointers: not followed
+    target._deps = _union_deps(target._deps, deps)
 
 
 _TensorSpec = _meta.TensorSpec
 _SeqSpec = _meta.SeqSpec
+
+
+def _result_pointer(loc: Worker, rid: bytes, spec: Any, deps: frozenset[bytes] | None
+                    ) -> PointerTensor:
+    """The pointer to a command's result ``rid`` of TensorSpec ``spec``: what
+    ``PointerTensor._from_remote`` makes for a computed (non-leaf) result, with fewer steps
+    (one or more per command)."""
+    rg = spec[2]
+    p = _make_wrapper(PointerTensor, spec[0], dtype=spec[1], device=_META, requires_grad=rg)
+    p.location = loc
+    p.id = rid
+    p._ref = Ref(rid)
+    p._owns = True
+    p._is_leaf = not rg
+    p._key = spec  # a TensorSpec is the (shape, dtype, requires_grad) tuple
+    p._deps = deps if rg else _NO_DEPS
+    return p
 
 
 def _dispatch(loc: Worker, name: str, wargs: tuple[Any, ...], wkwargs: dict[str, Any],
@@ -509,36 +524,12 @@ def _dispatch(loc: Worker, name: str, wargs: tuple[Any, ...], wkwargs: dict[str,
     if type(spec) is _TensorSpec:
         rid = new_id()
         loc._run(name, wargs, wkwargs, rid)
-        # PointerTensor._from_remote for a computed result, inline (one per command).
-        rg = spec[2]
-        p = _make_wrapper(PointerTensor, spec[0], dtype=spec[1], device=_META,
-                          requires_grad=rg)
-        p.location = loc
-        p.id = rid
-        p._ref = Ref(rid)
-        p._owns = True
-        p._is_leaf = not rg
-        p._key = spec  # a TensorSpec is the (shape, dtype, requires_grad) tuple
-        p._deps = deps if rg else _NO_DEPS
-        return p
+        return _result_pointer(loc, rid, spec, deps)
     if type(spec) is _SeqSpec:
         items = spec.items
         rids = tuple([new_id() for _ in items])
         loc._run(name, wargs, wkwargs, rids)
-        # The single-result construction above, once per result (the SMPC protocol steps
-        # return several shares or masks per command).
-        ptrs = []
-        for rid, s in zip(rids, items):
-            rg = s[2]
-            p = _make_wrapper(PointerTensor, s[0], dtype=s[1], device=_META, requires_grad=rg)
-            p.location = loc
-            p.id = rid
-            p._ref = Ref(rid)
-            p._owns = True
-            p._is_leaf = not rg
-            p._key = s
-            p._deps = deps if rg else _NO_DEPS
-            ptrs.append(p)
+        ptrs = [_result_pointer(loc, rid, s, deps) for rid, s in zip(rids, items)]
         kind = spec.kind
         return ptrs if kind is list else tuple(ptrs) if kind is tuple else kind(ptrs)
     rid = new_id()

@@ -247,7 +247,7 @@ def _decode_tensor(data: bytes) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     raw = memoryview(data)[offset:]
     if len(raw) != numel * itemsize:
         raise SerializationError(

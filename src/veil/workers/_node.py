@@ -327,31 +327,18 @@ class WorkerNode:
         result = fn(*args, **kwargs)
         ids_type = type(result_ids)
         if ids_type is bytes and not session.track and session.max_objects is None:
-            # _put of one result, inline (the common case: one tensor, an untracked session).
-            if result_ids in objects:
-                raise ProtocolError(f"object id {result_ids.hex()[:12]}… is already in use")
-            objects[result_ids] = result
-            if perms[0] is not None:
-                private[result_ids] = perms[0]
-            elif private:
-                private.pop(result_ids, None)
+            # The common case: one tensor, an untracked session.
+            _put_untracked(objects, private, result_ids, result, perms[0])
         elif ids_type is tuple and not session.track and session.max_objects is None \
                 and (type(result) is tuple or type(result) is list) \
                 and len(result) == len(result_ids):
-            # Several results (the SMPC steps), each stored as above; a nested id falls back
-            # to the general path for its part.
+            # Several results (the SMPC steps); a nested id takes the general path for its part.
             perm = perms[0]
             for rid, r in zip(result_ids, result):
-                if type(rid) is not bytes:
+                if type(rid) is bytes:
+                    _put_untracked(objects, private, rid, r, perm)
+                else:
                     self._store_results(rid, r, perm, session)
-                    continue
-                if rid in objects:
-                    raise ProtocolError(f"object id {rid.hex()[:12]}… is already in use")
-                objects[rid] = r
-                if perm is not None:
-                    private[rid] = perm
-                elif private:
-                    private.pop(rid, None)
         elif result_ids is not None:
             self._store_results(result_ids, result, perms[0], session)
         elif perms[0] is not None and wargs and type(wargs[0]) is Ref:
@@ -411,6 +398,19 @@ class WorkerNode:
 
 
 _PLAIN = frozenset({int, float, bool, str, type(None)})
+
+
+def _put_untracked(objects: dict[bytes, Any], private: dict[bytes, Any], oid: bytes, obj: Any,
+                   perm: Permission | None) -> None:
+    """:meth:`WorkerNode._put` of a command's result for a session that neither tracks nor
+    limits its objects, without the method's checks that cannot apply (every command)."""
+    if oid in objects:
+        raise ProtocolError(f"object id {oid.hex()[:12]}… is already in use")
+    objects[oid] = obj
+    if perm is not None:
+        private[oid] = perm
+    elif private:
+        private.pop(oid, None)
 
 
 def _describe(obj: Any) -> Any:

@@ -125,8 +125,7 @@ class VirtualWorker(Worker):
             return
         self.messages += 2  # the move, and the store it sends to the peer
         destination.node.store.put(new_id, obj.detach().requires_grad_(obj.requires_grad))
-        store.delete(oid)
-        session.created.discard(oid)
+        node.delete_ids((oid,), session)
         self._maybe_flush_gc()
 
     def _inplace_here(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -198,12 +197,7 @@ class VirtualWorker(Worker):
             return
         refs, self._grad_clears = tuple(self._grad_clears), []
         self.messages += 1
-        session = self._session
-        if session.error is None:
-            try:
-                self.node._run("veil.clear_grads", (refs,), {}, None, session)
-            except Exception as exc:
-                session.fail(exc, "veil.clear_grads")
+        self.node.execute("veil.clear_grads", (refs,), {}, None, self._session)
 
     def _refresh_grads(self) -> None:
         if self._grad_clears:
@@ -214,10 +208,8 @@ class VirtualWorker(Worker):
         # In process: read the flags straight from the store, in one pass over the leaves.
         self.messages += 1
         objects = self.node.store.objects
-        for oid, ref in list(self._leaves._refs.items()):
-            p = ref()
-            if p is not None:
-                p._has_grad = getattr(objects.get(oid), "grad", None) is not None
+        for oid, p in self._leaves.items():
+            p._has_grad = getattr(objects.get(oid), "grad", None) is not None
 
     def _grad_flags(self, ids: tuple[bytes, ...]) -> list[bool]:
         if self.serialize or self._session.error is not None or self._gc:
