@@ -178,20 +178,21 @@ def test_secure_training_step_over_network_workers(pair):
         secure = model.fix_precision().share(alice, bob, crypto_provider=carol)
         xs = x.fix_precision().share(alice, bob, crypto_provider=carol)
         ys = y.fix_precision().share(alice, bob, crypto_provider=carol)
-        opt = torch.optim.SGD(secure.parameters(), lr=0.1)
-        for _ in range(2):
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(secure(xs), ys)
-            loss.backward()
-            opt.step()
+        loss = _two_sgd_steps(secure, xs, ys)
         got = [p.get().float_precision() for p in secure.parameters()]
         secure_loss = loss.get().float_precision().item()
-    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
-    for _ in range(2):
-        plain_opt.zero_grad()
-        plain_loss = torch.nn.functional.mse_loss(plain(x), y)
-        plain_loss.backward()
-        plain_opt.step()
+    plain_loss = _two_sgd_steps(plain, x, y)
     assert abs(secure_loss - plain_loss.item()) < 1e-2
     for g, p in zip(got, plain.parameters()):
         torch.testing.assert_close(g, p.detach(), atol=1e-2, rtol=0)
+
+
+def _two_sgd_steps(model, x, y):
+    """Two SGD steps (lr 0.1) on MSE; the last step's loss."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    return loss
