@@ -10,14 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.net._util import stop_all
 from veil.net import WorkerProcess, spawn_worker
-
-
-def _stop_all(procs: list[WorkerProcess]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        proc.stop()
 
 
 @pytest.fixture
@@ -36,7 +30,7 @@ def spawn():
 
     start.many = start_many
     yield start
-    _stop_all(started)
+    stop_all(started)
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import veil
-from tests.net._util import raw_connect
+from tests.net._util import raw_connect, started_workers
 from veil.net import Limits, connect, parse_size
 
 pytestmark = pytest.mark.network
@@ -24,13 +23,8 @@ def workers():
     """A worker with small memory limits, and one with few clients and a short idle timeout."""
     args = ["--max-frame", "1M", "--max-objects", str(MAX_OBJECTS), "--max-bytes", "4M"]
     strict = ["--max-clients", "3", "--idle-timeout", "1"]
-    with ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(lambda a: veil.net.spawn_worker("limited", args=a), [args, strict]))
-    yield procs
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.stop()
+    with started_workers(("limited", {"args": args}), ("limited", {"args": strict})) as procs:
+        yield procs
 
 
 @pytest.fixture

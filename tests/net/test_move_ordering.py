@@ -4,12 +4,12 @@ object (AwaitObject) and learns of a failed move from the source (MoveFailed).""
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import veil
+from tests.net._util import started_workers
 from veil.net import connect, new_token
 from veil.workers import FetchObject, new_id
 from veil.workers._messages import AwaitObject, MoveFailed
@@ -23,25 +23,12 @@ PEER_TIMEOUT = 2.0
 def workers():
     token = new_token()
     args = ["--peer-timeout", str(PEER_TIMEOUT)]
-    procs = []
-    try:
-        with ThreadPoolExecutor(3) as pool:
-            procs = list(
-                pool.map(
-                    lambda spec: veil.net.spawn_worker(spec[0], token=token, args=spec[1]),
-                    [
-                        ("alice", args),
-                        ("bob", [*args, "--max-bytes", "1M"]),
-                        ("carol", args),
-                    ],
-                )
-            )
+    with started_workers(
+        ("alice", {"token": token, "args": args}),
+        ("bob", {"token": token, "args": [*args, "--max-bytes", "1M"]}),
+        ("carol", {"token": token, "args": args}),
+    ) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.stop()
 
 
 @pytest.fixture

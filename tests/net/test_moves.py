@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import veil
+from tests.net._util import started_workers
 from veil.net import connect, new_token
 
 pytestmark = pytest.mark.network
@@ -17,26 +17,13 @@ pytestmark = pytest.mark.network
 @pytest.fixture(scope="module")
 def pair():
     token = new_token()
-    procs = []
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            procs = list(
-                pool.map(
-                    lambda spec: veil.net.spawn_worker(spec[0], token=spec[1], args=spec[2]),
-                    [
-                        ("alice", token, []),
-                        ("bob", token, ["--max-bytes", "1M"]),
-                        ("eve", new_token(), []),  # a worker with another token
-                        ("carol", token, []),
-                    ],
-                )
-            )
+    with started_workers(
+        ("alice", {"token": token}),
+        ("bob", {"token": token, "args": ["--max-bytes", "1M"]}),
+        ("eve", {"token": new_token()}),  # a worker with another token
+        ("carol", {"token": token}),
+    ) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.stop()
 
 
 def test_move_goes_worker_to_worker(pair):

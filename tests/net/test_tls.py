@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
 import veil
-from tests.net._util import self_signed_cert
+from tests.net._util import self_signed_cert, started_workers
 from veil.net import connect
 
 pytestmark = pytest.mark.network
@@ -19,18 +17,9 @@ def tls_pair(tmp_path_factory):
     cert, key = self_signed_cert(tmp_path_factory.mktemp("tls"))
     args = ["--tls-cert", str(cert), "--tls-key", str(key), "--peer-ca-file", str(cert)]
     token = veil.net.new_token()
-    with ThreadPoolExecutor(2) as pool:
-        procs = list(
-            pool.map(
-                lambda n: veil.net.spawn_worker(n, token=token, args=args, scheme="wss"),
-                ["alice", "bob"],
-            )
-        )
-    yield procs[0], procs[1], cert
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.stop()
+    spec = {"token": token, "args": args, "scheme": "wss"}
+    with started_workers(("alice", spec), ("bob", spec)) as procs:
+        yield procs[0], procs[1], cert
 
 
 def test_wss_with_a_pinned_self_signed_certificate(tls_pair):
