@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import socket
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from veil.net import WorkerProcess, spawn_worker
+from veil.net import WorkerProcess
 from veil.net._auth import ClientHandshake, Welcome, normalize_token
 from veil.net._conn import BlockingConnection
 
@@ -31,23 +28,6 @@ def stop_all(procs: list[WorkerProcess]) -> None:
         proc.terminate()
     for proc in procs:
         proc.stop()
-
-
-@contextlib.contextmanager
-def started_workers(*specs: tuple[str, dict]) -> Iterator[list[WorkerProcess]]:
-    """Start ``spawn_worker(name, **kwargs)`` for each ``(name, kwargs)`` in parallel; stop
-    them all at the end, also those that had started when another failed to."""
-    with ThreadPoolExecutor(len(specs)) as pool:
-        futures = [pool.submit(spawn_worker, name, **kwargs) for name, kwargs in specs]
-    procs = [f.result() for f in futures if f.exception() is None]
-    try:
-        for f in futures:
-            error = f.exception()
-            if error is not None:
-                raise error
-        yield procs
-    finally:
-        stop_all(procs)
 
 
 def free_port() -> int:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import veil
-from tests.net._util import raw_connect, started_workers
+from tests.net._util import raw_connect
 from veil.net import Limits, connect, parse_size
+from veil.net._process import started_workers
 
 pytestmark = pytest.mark.network
 

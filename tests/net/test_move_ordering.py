@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import veil
-from tests.net._util import started_workers
 from veil.net import connect, new_token
+from veil.net._process import started_workers
 from veil.workers import FetchObject, new_id
 from veil.workers._messages import AwaitObject, MoveFailed
 

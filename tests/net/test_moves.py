@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import veil
-from tests.net._util import started_workers
 from veil.net import connect, new_token
+from veil.net._process import started_workers
 
 pytestmark = pytest.mark.network
 

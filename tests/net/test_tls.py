@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import veil
-from tests.net._util import self_signed_cert, started_workers
+from tests.net._util import self_signed_cert
 from veil.net import connect
+from veil.net._process import started_workers
 
 pytestmark = pytest.mark.network
 

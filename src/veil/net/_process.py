@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from veil._errors import WorkerUnavailable
 from veil.net._auth import new_token
@@ -154,6 +154,27 @@ def spawn_worker(name: str, **kwargs: object) -> WorkerProcess:
 
 
 @contextlib.contextmanager
+def started_workers(*specs: tuple[str, dict[str, Any]]) -> Iterator[list[WorkerProcess]]:
+    """Start ``spawn_worker(name, **kwargs)`` for each ``(name, kwargs)``, in parallel; stop
+    them all at the end (SIGTERM to all, then each is waited for), also those that had
+    started when another failed to (whose error is raised)."""
+    with ThreadPoolExecutor(max(1, len(specs))) as pool:
+        futures = [pool.submit(spawn_worker, name, **kwargs) for name, kwargs in specs]
+    procs = [f.result() for f in futures if f.exception() is None]
+    try:
+        for f in futures:
+            error = f.exception()
+            if error is not None:
+                raise error
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.stop()
+
+
+@contextlib.contextmanager
 def local_workers(
     *names: str,
     threads: int | None = 1,
@@ -179,14 +200,7 @@ def local_workers(
         raise ValueError("local_workers needs at least one worker name")
     token = new_token()
     extra = [*args] + ([] if threads is None else ["--threads", str(threads)])
-    with ThreadPoolExecutor(len(names)) as pool:
-        futures = [pool.submit(spawn_worker, n, token=token, args=extra) for n in names]
-    procs = [f.result() for f in futures if f.exception() is None]
-    try:
-        for f in futures:
-            error = f.exception()
-            if error is not None:
-                raise error
+    with started_workers(*((n, {"token": token, "args": extra}) for n in names)) as procs:
         handles: list[WebSocketWorker] = []
         try:
             for p in procs:
@@ -195,6 +209,3 @@ def local_workers(
         finally:
             for h in handles:
                 h.close()
-    finally:
-        for p in procs:
-            p.stop()
