@@ -118,18 +118,86 @@ def test_truncated_and_mutated_messages_raise_serialization_error_only(msg, data
         decode(bytes(mutated))
 
 
-def test_hostile_tensor_headers():
-    good = encode(torch.ones(2, 2))
-    # a header claiming a huge shape with few bytes must not allocate or hang
+def _inline(t: torch.Tensor) -> bytes:
+    """A tensor in the unframed layout (bytes inline in its extension), as encodings made
+    before framing (e.g. older checkpoints) hold it."""
     import msgpack
 
-    ext = msgpack.unpackb(good, raw=False)
-    assert isinstance(ext, msgpack.ExtType)
+    code = {v: k for k, v in DTYPES.items()}[t.dtype]
+    header = msgpack.packb([code, list(t.shape), t.requires_grad])
+    return msgpack.packb(msgpack.ExtType(1, header + t.detach().numpy().tobytes()))
+
+
+def test_unframed_tensors_still_decode():
+    t = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(decode(_inline(t)), t)
+    assert not encode([1, "x"]).startswith(b"\xc1")  # no tensors: one plain document
+    assert encode(t).startswith(b"\xc1")
+
+
+def test_hostile_tensor_headers():
+    import msgpack
+
+    # a header claiming a huge shape with few bytes must not allocate or hang
     for header in ([4, [2**39, 2**39], False], [99, [2], False], [0, [-1], False],
                    [0, [2] * 40, False], [4, [2], True], "x"):
         payload = msgpack.packb(header) + b"\x00" * 8
         with pytest.raises(SerializationError):
-            decode(msgpack.packb(msgpack.ExtType(1, payload)))
+            decode(msgpack.packb(msgpack.ExtType(1, payload)))  # unframed
+        framed = msgpack.packb(msgpack.ExtType(11, msgpack.packb(header)))
+        with pytest.raises(SerializationError):
+            decode(b"\xc1" + len(framed).to_bytes(4, "little") + framed + b"\x00" * 8)
+
+
+def _framed(doc: bytes, payload: bytes, claimed: int | None = None) -> bytes:
+    n = len(doc) if claimed is None else claimed
+    return b"\xc1" + n.to_bytes(4, "little") + doc + payload
+
+
+def test_framed_payloads_must_match_their_headers_exactly():
+    import msgpack
+
+    header = msgpack.packb(msgpack.ExtType(11, msgpack.packb([4, [2], False])))  # 16 bytes
+    assert decode(_framed(header, bytes(16))).tolist() == [0, 0]
+    for payload in (bytes(15), bytes(17), b""):  # too few, a stray byte, none
+        with pytest.raises(SerializationError):
+            decode(_framed(header, payload))
+    with pytest.raises(SerializationError):  # a header outside a frame
+        decode(header + bytes(16))
+    for bad in (b"\xc1", b"\xc1\x00\x00", _framed(header, bytes(16), claimed=1000),
+                _framed(header, bytes(16), claimed=3)):
+        with pytest.raises(SerializationError):
+            decode(bad)
+
+
+tensors = st.builds(
+    lambda shape, dtype, seed: (torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+                                * 100).to(dtype),
+    st.lists(st.integers(0, 4), max_size=3).map(tuple),
+    st.sampled_from([torch.float32, torch.int64, torch.bfloat16, torch.bool, torch.int8]),
+    st.integers(0, 2**16),
+)
+nested = st.recursive(
+    tensors | st.integers(-5, 5) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.lists(inner, max_size=3).map(tuple)
+    | st.dictionaries(st.text(max_size=2), inner, max_size=3)
+    | st.builds(lambda v: Reply(v), inner)
+    | st.builds(lambda vs: Batch([StoreObject(ID, v) for v in vs]), st.lists(inner, max_size=3)),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300)
+@given(nested)
+def test_nested_tensors_each_get_their_own_bytes(v):
+    """Framed payloads are handed out in document order, through every kind of nesting."""
+    assert _same(v, decode(encode(v)))
+
+
+def test_non_contiguous_and_zero_dim_tensors_round_trip():
+    for t in (torch.arange(12).reshape(3, 4).t(), torch.tensor(3.5), torch.zeros(0, 3),
+              torch.arange(10.0)[::3], torch.ones(2, 2, dtype=torch.bfloat16)):
+        assert _same(t.contiguous(), decode(encode(t)))
 
 
 def test_non_string_map_keys_are_refused_on_decode():

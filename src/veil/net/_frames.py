@@ -19,6 +19,7 @@ import msgpack
 
 from veil._errors import WorkerUnavailable
 from veil.serde import encode
+from veil.serde._codec import join_encoding, split_encoding
 from veil.workers import Batch
 
 
@@ -43,9 +44,22 @@ def _array_header(n: int) -> bytes:
 
 
 def batch_frame(parts: list[bytes]) -> bytes:
-    """The encoding of ``Batch(messages)`` given each message already encoded."""
-    payload = b"".join([_BATCH_PREFIX, _array_header(len(parts)), *parts])
-    return msgpack.packb(msgpack.ExtType(_BATCH_EXT, payload))
+    """The encoding of ``Batch(messages)`` given each message already encoded.
+
+    The messages' documents go into the batch's document, and their tensors' bytes (framed
+    encodings) after it, in the same order: each byte of a tensor is copied once here.
+    """
+    docs = []
+    payloads = []
+    for part in parts:
+        doc, payload = split_encoding(part)
+        docs.append(doc)
+        if payload:
+            payloads.append(payload)
+    doc = msgpack.packb(
+        msgpack.ExtType(_BATCH_EXT, b"".join([_BATCH_PREFIX, _array_header(len(parts)), *docs]))
+    )
+    return join_encoding(doc, payloads) if payloads else doc
 
 
 #: The query parameter of a worker address that names the session to store moved objects in.

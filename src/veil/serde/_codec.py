@@ -4,11 +4,23 @@ Supported values: None, bool, int (64-bit), float, str, bytes, lists, tuples, di
 str keys, :class:`torch.Tensor` (dense, CPU, dtypes in :data:`DTYPES`), ``torch.dtype``,
 ``torch.Size``, ``slice``, ``Ellipsis``, the reference types of :mod:`veil.serde._refs`,
 and message classes registered with :func:`register_message`.
+
+Layout. A value without tensors is one msgpack document. A value with tensors is *framed*:
+the byte ``0xc1`` (never used by msgpack), the document's length (4 bytes, little-endian),
+the document, then the tensors' raw bytes, in the order their headers appear in the
+document (each header, an extension, says its tensor's dtype and shape, hence its size).
+Tensor bytes are written once, straight from the tensor's memory, and read once, into the
+decoded tensor's own memory: a large tensor is not copied again at every level of nesting
+(message in a batch, extension in a message), which cost ~1.8 ms per MB on each side.
+Decoding checks that the payloads claimed by the headers cover the bytes after the
+document exactly. Documents with tensor bytes inline in their headers (the layout before
+framing) still decode, so older checkpoints stay readable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -64,6 +76,11 @@ _EXT_SLICE = 7
 _EXT_ELLIPSIS = 8
 _EXT_MESSAGE = 9
 _EXT_MEMORY_FORMAT = 10
+_EXT_TENSOR_HEADER = 11  # a tensor whose bytes follow the document (framed encodings)
+
+#: First byte of a framed encoding (msgpack never uses 0xc1), then the document's length.
+_FRAMED = 0xC1
+_FRAME_HEAD = struct.Struct("<BI")
 
 MEMORY_FORMATS: dict[int, torch.memory_format] = {
     0: torch.preserve_format,
@@ -110,7 +127,9 @@ def _ext(code: int, data: bytes) -> Any:
     return tuple.__new__(msgpack.ExtType, (code, data))
 
 
-def _tensor_payload(t: torch.Tensor) -> bytes:
+def _tensor_parts(t: torch.Tensor) -> tuple[bytes, memoryview]:
+    """A tensor's header (dtype code, shape, requires_grad) and its little-endian bytes (a
+    view of the tensor's memory where it is already contiguous and little-endian)."""
     if t.layout != torch.strided:
         raise SerializationError(f"only dense tensors can be sent, got layout {t.layout}")
     code = _DTYPE_CODES.get(t.dtype)
@@ -122,11 +141,20 @@ def _tensor_payload(t: torch.Tensor) -> bytes:
         t = t.cpu()
     t = t.contiguous()
     if t.dtype == torch.bfloat16:
-        raw = t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+        arr = t.view(torch.int16).numpy().astype("<i2", copy=False)
     else:
-        raw = t.numpy().astype(np.dtype(_NUMPY[t.dtype]).newbyteorder("<"), copy=False).tobytes()
+        arr = t.numpy().astype(np.dtype(_NUMPY[t.dtype]).newbyteorder("<"), copy=False)
     header = msgpack.packb([code, list(t.shape), requires_grad])
-    return header + raw
+    return header, memoryview(arr.reshape(-1)).cast("B")
+
+
+def _encode_tensor(t: torch.Tensor) -> Any:
+    header, raw = _tensor_parts(t)
+    payloads = getattr(_LOCAL, "payloads", None)
+    if payloads is None:  # packed outside encode(): bytes inline, as before framing
+        return _ext(_EXT_TENSOR, header + raw.tobytes())
+    payloads.append(raw)
+    return _ext(_EXT_TENSOR_HEADER, header)
 
 
 def _encode_message(obj: Any) -> Any:
@@ -154,7 +182,7 @@ def _default(obj: Any) -> Any:
                 f"a {type(obj).__name__} cannot be sent as a plain tensor; "
                 "bring it home (.get()) or send its parts"
             )
-        return _ext(_EXT_TENSOR, _tensor_payload(obj))
+        return _encode_tensor(obj)
     if isinstance(obj, torch.Size):
         return _ext(_EXT_SIZE, _pack(list(obj)))
     if isinstance(obj, Ref):
@@ -204,17 +232,48 @@ def _pack(obj: Any) -> bytes:
 
 
 def encode(obj: Any) -> bytes:
-    """Encode ``obj`` to bytes.
+    """Encode ``obj`` to bytes (framed if it holds tensors: see the module doc).
 
     Raises:
         SerializationError: ``obj`` holds a value of a type that cannot travel.
     """
+    outer = getattr(_LOCAL, "payloads", None)
+    payloads: list[memoryview] = []
+    _LOCAL.payloads = payloads
     try:
-        return _pack(obj)
+        doc = _pack(obj)
     except SerializationError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise SerializationError(f"cannot encode value: {exc}") from exc
+    finally:
+        _LOCAL.payloads = outer
+    return join_encoding(doc, payloads) if payloads else doc
+
+
+def join_encoding(doc: bytes | memoryview, payloads: list[Any]) -> bytes:
+    """A framed encoding from its document and its tensors' bytes (in document order)."""
+    if len(doc) >= MAX_FRAME:
+        raise SerializationError("document too large to frame")
+    return b"".join([_FRAME_HEAD.pack(_FRAMED, len(doc)), doc, *payloads])
+
+
+def split_encoding(data: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview]:
+    """The document and the tensor bytes of an encoding (no tensor bytes if unframed).
+
+    Raises:
+        SerializationError: a framed encoding whose head or length is malformed.
+    """
+    view = memoryview(data).cast("B")
+    if not view or view[0] != _FRAMED:
+        return view, view[:0]
+    if len(view) < _FRAME_HEAD.size:
+        raise SerializationError("truncated frame head")
+    _, n = _FRAME_HEAD.unpack_from(view)
+    start = _FRAME_HEAD.size
+    if n > len(view) - start:
+        raise SerializationError(f"frame claims a {n}-byte document, has {len(view) - start}")
+    return view[start : start + n], view[start + n :]
 
 
 # ----------------------------------------------------------------------------- decode
@@ -225,13 +284,49 @@ _HEADER_BYTES = 16 + 9 * MAX_NDIM
 
 
 def _decode_tensor(data: bytes) -> torch.Tensor:
-    # Only the header goes through the unpacker, and the payload is read in place: one copy
-    # of the tensor's bytes (into memory the tensor owns) instead of three, which matters for
-    # large tensors (each fresh buffer costs page faults, ~0.14 ms per 512 KiB here).
+    """An unframed tensor: header and bytes inline in the extension."""
+    # Only the header goes through the unpacker, and the payload is read in place.
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_HEADER_BYTES)
     unpacker.feed(data[:_HEADER_BYTES])
-    header = unpacker.unpack()
-    offset = unpacker.tell()
+    dtype, shape, requires_grad, nbytes = _tensor_header(unpacker.unpack())
+    raw = memoryview(data)[unpacker.tell() :]
+    if len(raw) != nbytes:
+        raise SerializationError(
+            f"tensor of shape {shape} and dtype {dtype} needs {nbytes} bytes, got {len(raw)}"
+        )
+    return _build_tensor(dtype, shape, requires_grad, raw)
+
+
+class _Payloads:
+    """The tensor bytes after a framed document, handed out in document order."""
+
+    __slots__ = ("pos", "view")
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        if n > len(self.view) - self.pos:
+            raise SerializationError(
+                f"a tensor needs {n} bytes, {len(self.view) - self.pos} are left in the frame"
+            )
+        out = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+
+def _decode_tensor_header(data: bytes) -> torch.Tensor:
+    """A framed tensor: the header is here, its bytes are the frame's next ``n`` bytes."""
+    payloads = getattr(_LOCAL, "frame", None)
+    if payloads is None:
+        raise SerializationError("a tensor header outside a framed encoding")
+    dtype, shape, requires_grad, nbytes = _tensor_header(_unpack(data))
+    return _build_tensor(dtype, shape, requires_grad, payloads.take(nbytes))
+
+
+def _tensor_header(header: Any) -> tuple[torch.dtype, list[int], bool, int]:
+    """The checked dtype, shape, requires_grad flag and byte count of a tensor header."""
     if not (isinstance(header, list) and len(header) == 3):
         raise SerializationError("malformed tensor header")
     code, shape, requires_grad = header
@@ -244,26 +339,25 @@ def _decode_tensor(data: bytes) -> torch.Tensor:
     if type(requires_grad) is not bool:
         raise SerializationError("malformed tensor requires_grad flag")
     dtype = DTYPES[code]
+    if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+        raise SerializationError(f"a {dtype} tensor cannot require grad")
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = dtype.itemsize
-    raw = memoryview(data)[offset:]
-    if len(raw) != numel * itemsize:
-        raise SerializationError(
-            f"tensor of shape {shape} and dtype {dtype} needs {numel * itemsize} bytes, "
-            f"got {len(raw)}"
-        )
+    return dtype, shape, requires_grad, numel * dtype.itemsize
+
+
+def _build_tensor(
+    dtype: torch.dtype, shape: list[int], requires_grad: bool, raw: memoryview
+) -> torch.Tensor:
+    """A tensor owning a copy of ``raw`` (little-endian bytes of the checked size)."""
     if dtype == torch.bfloat16:
-        arr = np.frombuffer(raw, dtype="<i2").astype(np.int16)
-        t = torch.from_numpy(arr.copy()).view(torch.bfloat16)
+        t = torch.from_numpy(np.frombuffer(raw, dtype="<i2").astype(np.int16)).view(dtype)
     else:
         arr = np.frombuffer(raw, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<"))
         t = torch.from_numpy(arr.astype(_NUMPY[dtype], copy=True))
     t = t.reshape(shape)
     if requires_grad:
-        if not (dtype.is_floating_point or dtype.is_complex):
-            raise SerializationError(f"a {dtype} tensor cannot require grad")
         t.requires_grad_(True)
     return t
 
@@ -364,6 +458,7 @@ _DECODERS: dict[int, Callable[[bytes], Any]] = {
     _EXT_ELLIPSIS: _ext_ellipsis,
     _EXT_MESSAGE: _decode_message,
     _EXT_MEMORY_FORMAT: _ext_memory_format,
+    _EXT_TENSOR_HEADER: _decode_tensor_header,
 }
 
 
@@ -386,8 +481,19 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SerializationError(f"can only decode bytes, got {type(data).__name__}")
+    outer = getattr(_LOCAL, "frame", None)
     try:
-        return _unpack(bytes(data))
+        doc, rest = split_encoding(data)
+        framed = len(doc) + len(rest) != len(data) if isinstance(data, bytes) else (
+            len(doc) + len(rest) != memoryview(data).nbytes
+        )
+        payloads = _LOCAL.frame = _Payloads(rest) if framed else None
+        value = _unpack(doc)
+        if payloads is not None and payloads.pos != len(rest):
+            raise SerializationError(
+                f"{len(rest) - payloads.pos} bytes after the document belong to no tensor"
+            )
+        return value
     except SerializationError:
         raise
     except RecursionError as exc:
@@ -396,6 +502,8 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
         raise SerializationError("value is too large to decode") from exc
     except Exception as exc:  # msgpack raises many kinds; all mean "not a valid encoding"
         raise SerializationError(f"cannot decode: {type(exc).__name__}: {exc}") from exc
+    finally:
+        _LOCAL.frame = outer
 
 
 # msgpack's C unpacker limits nesting itself; keep Python's limit comfortably above it.
