@@ -163,6 +163,9 @@ def test_secure_training_step_over_network_workers(pair):
         connect(c.url, token=c.token, timeout=30) as carol,
     ):
         secure = model.fix_precision().share(alice, bob, crypto_provider=carol)
+        from veil.mpc import _runtime
+
+        assert _runtime.context((alice, bob), carol).seeded  # alice gets seeds, not bundles
         xs = x.fix_precision().share(alice, bob, crypto_provider=carol)
         ys = y.fix_precision().share(alice, bob, crypto_provider=carol)
         loss = _two_sgd_steps(secure, xs, ys)

@@ -74,4 +74,36 @@ def random_bits(shape: tuple[int, ...] | torch.Size | int) -> torch.Tensor:
     return random_int64(shape) & 1
 
 
-__all__ = ["random_bits", "random_int64"]
+#: Words (int64) in a seed: an AES-256 key.
+SEED_WORDS = 4
+
+
+def random_seed() -> torch.Tensor:
+    """A fresh seed for :func:`expand_seed`: 256 bits from the operating system's entropy."""
+    return torch.frombuffer(bytearray(os.urandom(8 * SEED_WORDS)), dtype=torch.int64)
+
+
+def expand_seed(seed: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` pseudorandom int64 values determined by ``seed``: the AES-256-CTR keystream
+    keyed by the seed's 32 bytes (counter from zero). The party holding the seed and the
+    provider that drew it expand the same values; to anyone without the seed they are
+    indistinguishable from uniform.
+
+    Raises:
+        ValueError: ``seed`` is not :data:`SEED_WORDS` int64 values, or ``n`` is negative.
+    """
+    if seed.dtype != torch.int64 or seed.numel() != SEED_WORDS:
+        raise ValueError(f"a seed is {SEED_WORDS} int64 values, got {seed.dtype} "
+                         f"{tuple(seed.shape)}")
+    if type(n) is not int or n < 0:
+        raise ValueError(f"the number of values must be a non-negative int, got {n!r}")
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64)
+    key = seed.contiguous().numpy().tobytes()
+    out = bytearray(8 * n + 15)  # update_into may need a block's worth of room
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    encryptor.update_into(bytes(8 * n), out)
+    return torch.frombuffer(out, dtype=torch.int64, count=n)
+
+
+__all__ = ["SEED_WORDS", "expand_seed", "random_bits", "random_int64", "random_seed"]

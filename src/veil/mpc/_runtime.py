@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from veil._errors import ProtocolError
+from veil.mpc.provider import seeded_bundle
 from veil.pointers import PointerTensor, call, remote_function
-from veil.workers import Worker
+from veil.workers import VirtualWorker, Worker
 
 
 class Stats:
@@ -70,13 +71,21 @@ class Context:
     separately among the same parties can be combined.
     """
 
-    __slots__ = ("__weakref__", "n", "parties", "pending", "pools", "provider", "remote")
+    __slots__ = (
+        "__weakref__", "n", "parties", "pending", "pools", "provider", "remote", "seeded"
+    )
 
     def __init__(self, parties: tuple[Any, ...], provider: Any) -> None:
         self.parties = parties
         self.provider = provider
         self.n = len(parties)
         self.remote = isinstance(parties[0], Worker)
+        #: Whether the provider deals seeds instead of random bundles (see
+        #: :mod:`veil.mpc.provider`): when a party or the provider is not an in-process
+        #: worker, so that bundles cost bytes on a network.
+        self.seeded = self.remote and not all(
+            isinstance(w, VirtualWorker) for w in (*parties, provider) if w is not None
+        )
         self.pools: dict[Any, Any] = {}
         #: Products and truncations queued to run together (see :mod:`.protocols.batch`).
         self.pending: list[Any] = []
@@ -248,6 +257,19 @@ def rows(bundle: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(bundle.unbind(0))
 
 
+def _seeded_rows_meta(seed: torch.Tensor, count: int, total: int) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(total, dtype=torch.int64, device="meta") for _ in range(count))
+
+
+@remote_function("mpc.seeded_rows", meta=_seeded_rows_meta)
+def seeded_rows(seed: torch.Tensor, count: int, total: int) -> tuple[torch.Tensor, ...]:
+    """Like :func:`rows`, for a party dealt a seed: its ``count`` bundles of ``total`` words,
+    expanded here (see :mod:`veil.mpc.provider`)."""
+    if type(count) is not int or type(total) is not int or count < 1 or total < 0:
+        raise ProtocolError(f"bad bundle count or size: {count!r}, {total!r}")
+    return tuple(seeded_bundle(seed, count, total).unbind(0))
+
+
 def material(
     ctx: Context, what: str, fn: Callable[..., Any], args: tuple[Any, ...], words: int
 ) -> list[Any]:
@@ -265,8 +287,15 @@ def material(
     if pool is None or pool[1] >= len(pool[0][0]):
         last = 0 if pool is None else len(pool[0][0])
         count = max(1, min(2 * last, POOL_MAX, POOL_BYTES // max(1, 8 * words)))
-        bundles = deal(ctx, what, fn, *args, ctx.n, count)
-        per_party = [list(rows(b)) if ctx.remote else list(b.unbind(0)) for b in bundles]
+        bundles = deal(ctx, what, fn, *args, ctx.n, count, ctx.seeded)
+        if not ctx.remote:
+            per_party = [list(b.unbind(0)) for b in bundles]
+        else:
+            last = ctx.n - 1
+            per_party = [
+                list(seeded_rows(b, count, words) if ctx.seeded and i < last else rows(b))
+                for i, b in enumerate(bundles)
+            ]
         pool = [per_party, 0]
         ctx.pools[key] = pool
     index = pool[1]

@@ -9,6 +9,15 @@ the provider's worker straight to the party's worker. Parties ``0..n-2`` get uni
 bundles; the last party gets ``value - sum(others)`` (or the XOR), so any ``n - 1`` bundles
 are independent of the values.
 
+**Seeded dealing.** A random bundle need not travel: with ``seeded``, the provider draws a
+fresh 256-bit seed for each of parties ``0..n-2``, expands it into that party's bundle with
+AES-256-CTR (:func:`veil.mpc._random.expand_seed`) to compute the last party's bundle, and
+sends those parties only their seed (32 bytes), which they expand themselves. The provider's
+traffic drops from ``n`` bundles to one (half, with two parties); the bundles are then
+pseudorandom instead of uniform, as with any CSPRNG. The orchestration uses it when a party
+or the provider is a network worker (:attr:`veil.mpc._runtime.Context.seeded`); in-process
+workers move bundles for free, and expanding costs the party time.
+
 Security model: semi-honest parties and provider, the provider colluding with no party. The
 provider sees no input and no opened value; a party sees its own shares, its bundles and
 values that are masked by dealer randomness unknown to it.
@@ -29,7 +38,7 @@ import torch
 
 from veil._errors import ProtocolError
 from veil.mpc import limbs
-from veil.mpc._random import random_int64
+from veil.mpc._random import SEED_WORDS, expand_seed, random_int64, random_seed
 from veil.mpc.encoding import wrap
 from veil.pointers import remote_function
 
@@ -111,19 +120,41 @@ def _check_parties(n: int, count: int) -> None:
         raise ProtocolError(f"bundle count must be a positive int, got {count!r}")
 
 
-def split_values(values: torch.Tensor, arith_len: int, n: int) -> tuple[torch.Tensor, ...]:
+def _check_seeded(seeded: Any) -> bool:
+    if type(seeded) is not bool:
+        raise ProtocolError(f"seeded must be a bool, got {seeded!r}")
+    return seeded
+
+
+def split_values(
+    values: torch.Tensor, arith_len: int, n: int, seeded: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Split ``(count, L)`` dealer values into ``n`` bundles, in place: parties ``0..n-2`` get
     uniformly random bundles, the last one ``values - sum`` (columns before ``arith_len``)
-    or ``values ^ xor`` (the others) of them, written over ``values``."""
-    rand = random_int64((n - 1, *values.shape))
-    for j in range(n - 1):
-        values[:, :arith_len] -= rand[j, :, :arith_len]
-        values[:, arith_len:] ^= rand[j, :, arith_len:]
-    return (*rand.unbind(0), values)
+    or ``values ^ xor`` (the others) of them, written over ``values``. With ``seeded``,
+    parties ``0..n-2`` get the seeds of their bundles instead (see the module doc)."""
+    if seeded:
+        seeds = [random_seed() for _ in range(n - 1)]
+        rand = [expand_seed(s, values.numel()).view(values.shape) for s in seeds]
+    else:
+        rand = list(random_int64((n - 1, *values.shape)).unbind(0))
+    for r in rand:
+        values[:, :arith_len] -= r[:, :arith_len]
+        values[:, arith_len:] ^= r[:, arith_len:]
+    return (*(seeds if seeded else rand), values)
 
 
-def _bundle_meta(total: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.empty((count, total), dtype=torch.int64, device="meta") for _ in range(n))
+def seeded_bundle(seed: torch.Tensor, count: int, total: int) -> torch.Tensor:
+    """The ``(count, total)`` bundle a party expands from its seed (see the module doc)."""
+    return expand_seed(seed, count * total).view(count, total)
+
+
+def _bundle_meta(
+    total: int, n: int, count: int, seeded: bool = False
+) -> tuple[torch.Tensor, ...]:
+    full = torch.empty((count, total), dtype=torch.int64, device="meta")
+    seed = torch.empty(SEED_WORDS, dtype=torch.int64, device="meta")
+    return (*((seed if seeded else full) for _ in range(n - 1)), full)
 
 
 # ---------------------------------------------------------------------- Beaver triples
@@ -196,21 +227,23 @@ def _check_bits(bits: int) -> None:
 
 
 def _deal_beaver_meta(
-    kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...], trunc: int, n: int, count: int
+    kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...], trunc: int, n: int, count: int,
+    seeded: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     return _bundle_meta(
-        beaver_layout(kind, tuple(sx), tuple(sy), tuple(params), trunc).total, n, count
+        beaver_layout(kind, tuple(sx), tuple(sy), tuple(params), trunc).total, n, count, seeded
     )
 
 
 @remote_function("mpc.deal_beaver", meta=_deal_beaver_meta)
 def deal_beaver(
-    kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...], trunc: int, n: int, count: int
+    kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...], trunc: int, n: int, count: int,
+    seeded: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """``count`` Beaver triples ``a, b, c = op(a, b)`` for ``n`` parties (dealer side).
 
     With ``trunc > 0`` each bundle also holds a truncation pair for the product (see
-    :func:`veil.mpc.protocols.truncation.truncate`).
+    :func:`veil.mpc.protocols.truncation.truncate`). ``seeded``: see :func:`split_values`.
     """
     _check_parties(n, count)
     if trunc:
@@ -223,7 +256,7 @@ def deal_beaver(
         p["c"].copy_(ring_product(kind, p["a"], p["b"], params))
         if trunc:
             _trunc_fill(p, trunc)
-    return split_values(values, lay.arith_len, n)
+    return split_values(values, lay.arith_len, n, _check_seeded(seeded))
 
 
 def _trunc_fill(p: dict[str, torch.Tensor], bits: int) -> None:
@@ -233,20 +266,25 @@ def _trunc_fill(p: dict[str, torch.Tensor], bits: int) -> None:
     torch.bitwise_and(r >> 63, 1, out=p["msb"])
 
 
-def _deal_trunc_meta(shape: Shape, bits: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
-    return _bundle_meta(trunc_layout(tuple(shape)).total, n, count)
+def _deal_trunc_meta(
+    shape: Shape, bits: int, n: int, count: int, seeded: bool = False
+) -> tuple[torch.Tensor, ...]:
+    return _bundle_meta(trunc_layout(tuple(shape)).total, n, count, seeded)
 
 
 @remote_function("mpc.deal_trunc", meta=_deal_trunc_meta)
-def deal_trunc(shape: Shape, bits: int, n: int, count: int) -> tuple[torch.Tensor, ...]:
-    """``count`` truncation pairs (``r``, ``r >>> bits``, ``msb(r)``) for ``n`` parties."""
+def deal_trunc(
+    shape: Shape, bits: int, n: int, count: int, seeded: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``count`` truncation pairs (``r``, ``r >>> bits``, ``msb(r)``) for ``n`` parties
+    (``seeded``: see :func:`split_values`)."""
     _check_parties(n, count)
     _check_bits(bits)
     lay = trunc_layout(tuple(shape))
     values = random_int64((count, lay.total))
     for k in range(count):
         _trunc_fill(lay.unpack(values[k]), bits)
-    return split_values(values, lay.arith_len, n)
+    return split_values(values, lay.arith_len, n, _check_seeded(seeded))
 
 
 # ---------------------------------------------------------------------- comparison material
@@ -296,8 +334,10 @@ def sign_layout(numel: int, relu: bool) -> Layout:
     return Layout(arith, xor)
 
 
-def _deal_sign_meta(numel: int, relu: bool, n: int, count: int) -> tuple[torch.Tensor, ...]:
-    return _bundle_meta(sign_layout(numel, relu).total, n, count)
+def _deal_sign_meta(
+    numel: int, relu: bool, n: int, count: int, seeded: bool = False
+) -> tuple[torch.Tensor, ...]:
+    return _bundle_meta(sign_layout(numel, relu).total, n, count, seeded)
 
 
 def _sign_values(lay: Layout, flat: torch.Tensor, numel: int, relu: bool) -> None:
@@ -325,8 +365,11 @@ def _sign_values(lay: Layout, flat: torch.Tensor, numel: int, relu: bool) -> Non
 
 
 @remote_function("mpc.deal_sign", meta=_deal_sign_meta)
-def deal_sign(numel: int, relu: bool, n: int, count: int) -> tuple[torch.Tensor, ...]:
-    """``count`` bundles of comparison material for ``numel`` values and ``n`` parties."""
+def deal_sign(
+    numel: int, relu: bool, n: int, count: int, seeded: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``count`` bundles of comparison material for ``numel`` values and ``n`` parties
+    (``seeded``: see :func:`split_values`)."""
     _check_parties(n, count)
     if type(numel) is not int or numel < 1:
         raise ProtocolError(f"numel must be a positive int, got {numel!r}")
@@ -334,7 +377,7 @@ def deal_sign(numel: int, relu: bool, n: int, count: int) -> tuple[torch.Tensor,
     values = random_int64((count, lay.total))
     for k in range(count):
         _sign_values(lay, values[k], numel, relu)
-    return split_values(values, lay.arith_len, n)
+    return split_values(values, lay.arith_len, n, _check_seeded(seeded))
 
 
 __all__ = [
@@ -349,6 +392,7 @@ __all__ = [
     "packed_len",
     "product_shape",
     "ring_product",
+    "seeded_bundle",
     "sign_layout",
     "split_values",
     "trunc_layout",
