@@ -73,9 +73,11 @@ class Layout:
         return out
 
     def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of ``flat`` (one bundle row) by piece name."""
+        """Views of ``flat`` (one bundle row, or ``(count, total)`` rows: each piece then has
+        a leading ``count`` dimension) by piece name."""
+        lead = tuple(flat.shape[:-1])
         return {
-            name: flat[start : start + numel].view(shape)
+            name: flat[..., start : start + numel].view(lead + shape)
             for name, (start, numel, shape) in self.pieces.items()
         }
 
@@ -251,12 +253,35 @@ def deal_beaver(
     sx, sy, params = tuple(sx), tuple(sy), tuple(params)
     lay = beaver_layout(kind, sx, sy, params, trunc)
     values = random_int64((count, lay.total))  # a, b (and r) stay uniformly random
-    for k in range(count):
-        p = lay.unpack(values[k])
-        p["c"].copy_(ring_product(kind, p["a"], p["b"], params))
-        if trunc:
-            _trunc_fill(p, trunc)
+    p = lay.unpack(values)  # every piece with a leading dimension of count rows
+    c = _rows_product(kind, p["a"], p["b"], params, len(product_shape(kind, sx, sy, params)))
+    if c is not None:
+        p["c"].copy_(c)
+    else:
+        for k in range(count):
+            p["c"][k].copy_(ring_product(kind, p["a"][k], p["b"][k], params))
+    if trunc:
+        _trunc_fill(p, trunc)
     return split_values(values, lay.arith_len, n, _check_seeded(seeded))
+
+
+def _rows_product(
+    kind: str, a: torch.Tensor, b: torch.Tensor, params: tuple[Any, ...], ndim: int
+) -> torch.Tensor | None:
+    """``ring_product`` of every row's ``a`` and ``b`` at once (leading row dimension), or
+    None for the kinds this does not batch (convolutions, non-matrix matmuls): one call per
+    request instead of one per row. Exact, so the same values as row by row."""
+    count = a.shape[0]
+    if kind == "mul":  # align each operand's dimensions to the product's, after the rows
+        a = a.view(count, *([1] * (ndim - a.dim() + 1)), *a.shape[1:])
+        b = b.view(count, *([1] * (ndim - b.dim() + 1)), *b.shape[1:])
+        return a * b
+    if kind == "matmul" and a.dim() == 3 and b.dim() == 3:
+        if params:
+            a = a.transpose(1, 2) if params[0] else a
+            b = b.transpose(1, 2) if params[1] else b
+        return limbs.matmul(a, b)
+    return None
 
 
 def _trunc_fill(p: dict[str, torch.Tensor], bits: int) -> None:
@@ -282,8 +307,7 @@ def deal_trunc(
     _check_bits(bits)
     lay = trunc_layout(tuple(shape))
     values = random_int64((count, lay.total))
-    for k in range(count):
-        _trunc_fill(lay.unpack(values[k]), bits)
+    _trunc_fill(lay.unpack(values), bits)
     return split_values(values, lay.arith_len, n, _check_seeded(seeded))
 
 
@@ -301,10 +325,10 @@ def packed_len(numel: int) -> int:
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Bits of ``packed_len`` values (int64 0/1) packed 32 a word: value ``32k + s`` at bit
-    ``s`` of word ``k`` (the order of the carry tree's last level)."""
+    """Bits of ``packed_len`` values (int64 0/1, the last dimension) packed 32 a word: value
+    ``32k + s`` at bit ``s`` of word ``k`` (the order of the carry tree's last level)."""
     lanes = torch.arange(PACK, dtype=torch.int64, device=bits.device)
-    return (bits.view(-1, PACK) << lanes).sum(1)
+    return (bits.view(*bits.shape[:-1], -1, PACK) << lanes).sum(-1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -341,7 +365,8 @@ def _deal_sign_meta(
 
 
 def _sign_values(lay: Layout, flat: torch.Tensor, numel: int, relu: bool) -> None:
-    """Turn one uniformly random bundle row into comparison material, in place."""
+    """Turn uniformly random ``(count, total)`` bundle rows into comparison material, in
+    place (every piece below has a leading dimension of rows)."""
     p = lay.unpack(flat)
     r = p["r"]
     torch.bitwise_and(r >> 62, 3, out=p["R"])
@@ -354,13 +379,14 @@ def _sign_values(lay: Layout, flat: torch.Tensor, numel: int, relu: bool) -> Non
         torch.mul(alpha, p["msb"], out=p["alpha_msb"])
         torch.mul(alpha, rho, out=p["alpha_rho"])
     rp = p["rp"]
-    rp[:numel] = r  # padding values keep their random r'
+    rp[:, :numel] = r  # padding values keep their random r'
     rp &= (1 << 62) - 1
     torch.bitwise_and(rp, rp >> 1, out=p["m"])
     for level in range(1, AND_LEVELS + 1):
-        torch.bitwise_and(p[f"b{level}"], p[f"a{level}"], out=p[f"c{level}"])
-    bits = torch.zeros(packed_len(numel), dtype=torch.int64)
-    bits[:numel] = rho
+        b = p[f"b{level}"]  # (rows, 2 or 1, words): both rows share the first operand
+        torch.bitwise_and(b, p[f"a{level}"].unsqueeze(1), out=p[f"c{level}"])
+    bits = torch.zeros(flat.shape[0], packed_len(numel), dtype=torch.int64)
+    bits[:, :numel] = rho
     p["rho_x"].copy_(pack_bits(bits))
 
 
@@ -375,8 +401,7 @@ def deal_sign(
         raise ProtocolError(f"numel must be a positive int, got {numel!r}")
     lay = sign_layout(numel, relu)
     values = random_int64((count, lay.total))
-    for k in range(count):
-        _sign_values(lay, values[k], numel, relu)
+    _sign_values(lay, values, numel, relu)
     return split_values(values, lay.arith_len, n, _check_seeded(seeded))
 
 
