@@ -4,12 +4,14 @@ Moves between two network workers go worker to worker and cost the client no rou
 A ``MoveObject`` submitted to the source's handle puts an :class:`~veil.workers._messages.
 AwaitObject` for the new id into the destination handle's stream, right after what is already
 buffered there: the destination worker waits (without blocking its other connections) until
-the object has arrived, or the source reports that the move failed, before it handles what
-the client sent after it. The one ordering rule on this side: before a handle sends a frame,
-the sources of the moves its buffered ``AwaitObject`` messages wait for have sent the frames
-that carry those moves (the destination would otherwise wait for an object no worker was
-asked to send). An ``AwaitObject`` whose move is known to be finished (the source answered
-the frame that carried it) or lost (the source's connection closed) is left out.
+the object has arrived, or the source reports that the move failed, or the source's
+connection into the destination is lost (the source died: the wait fails at once with
+``WorkerUnavailable``), before it handles what the client sent after it. The one ordering
+rule on this side: before a handle sends a frame, the sources of the moves its buffered
+``AwaitObject`` messages wait for have sent the frames that carry those moves (the
+destination would otherwise wait for an object no worker was asked to send). An
+``AwaitObject`` whose move is known to be finished (the source answered the frame that
+carried it) or lost (the source's connection closed) is left out.
 """
 
 from __future__ import annotations

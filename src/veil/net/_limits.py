@@ -29,7 +29,9 @@ class Limits:
         idle_timeout: seconds without a message after which a client is disconnected (and its
             objects released); None waits forever (dead peers are still found by TCP
             keepalive).
-        peer_timeout: seconds to connect and deliver an object to another worker.
+        peer_timeout: seconds to connect and deliver an object to another worker, and the
+            longest a client's message waits here for an object moved to it (a wait ends at
+            once if the source's connection is lost).
     """
 
     max_frame: int = 256 * MiB

@@ -3,6 +3,12 @@
 A worker keeps one authenticated connection per destination session (LRU-bounded) and sends
 each moved object as ``Batch([StoreObject, Query("flush")])``, so the move completes (or fails
 with the destination's error) before the worker goes on with the client's next message.
+
+How a link ends tells the destination whether to expect more from this worker: a link evicted
+as the least recently used is closed with a closing handshake (the destination fails nothing;
+the next delivery opens a new link), while one whose delivery failed, and every link when
+the worker stops, is aborted, like a crash: the destination fails at once the moves it is
+waiting for from this worker (see :mod:`veil.net._server`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from veil._errors import AuthenticationError, VeilError, WorkerUnavailable
 from veil.net._auth import SESSION_ENDED, ClientHandshake
@@ -43,7 +50,8 @@ class PeerLinks:
         token: the token it proves to peers (None: connect without one).
         ca_file: PEM certificates to trust for ``wss://`` peers (default: the system's).
         timeout: seconds to connect, authenticate and deliver one object.
-        max_links: connections kept open at most (the least recently used are closed).
+        max_links: connections kept open at most (the least recently used are closed, with
+            a closing handshake, in the background).
     """
 
     def __init__(
@@ -62,6 +70,7 @@ class PeerLinks:
         self.max_links = max_links
         self._ssl: ssl.SSLContext | None = None
         self._links: OrderedDict[tuple[str, bytes], _Link] = OrderedDict()
+        self._closing: dict[asyncio.Task[None], ClientConnection] = {}
 
     async def deliver(self, address: str, msg: Any) -> None:
         """Store ``msg`` (a StoreObject) on the worker at ``address``; raise its error if any.
@@ -79,6 +88,9 @@ class PeerLinks:
             self._evict()
         self._links.move_to_end((url, key))
         async with link.lock:
+            if link.ws is not None and link.ws.state is not State.OPEN:
+                link.ws.transport.abort()  # closed by the destination (e.g. idle): reopen
+                link.ws = None
             try:
                 if link.ws is None:
                     link.ws = await self._open(url, key)
@@ -143,14 +155,31 @@ class PeerLinks:
                 break
             del self._links[key]
             if link.ws is not None:
-                link.ws.transport.abort()
+                self._close_later(link.ws)
+
+    def _close_later(self, ws: ClientConnection) -> None:
+        """Close ``ws`` normally (the destination must not take it for a crash of this
+        worker), without making the delivery that evicted it wait for the handshake."""
+        task = asyncio.ensure_future(ws.close())
+        self._closing[task] = ws
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        ws = self._closing.pop(task, None)
+        if (task.cancelled() or task.exception() is not None) and ws is not None:
+            ws.transport.abort()
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Abort every connection: to the destinations, this worker is gone (the moves they
+        wait for from it fail at once)."""
         links, self._links = list(self._links.values()), OrderedDict()
         for link in links:
             if link.ws is not None:
                 link.ws.transport.abort()
+        closing, self._closing = dict(self._closing), {}
+        for ws in closing.values():
+            ws.transport.abort()
+        await asyncio.gather(*closing, return_exceptions=True)
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,10 +21,17 @@ The client orders a move against what it sends the destination with an ``AwaitOb
 destination's stream: the destination's frame waits there (awaiting, so the loop goes on
 serving other connections, among them the peer links that deliver objects) until the object
 is stored in that client's session, or its delivery or the move failed (the session then
-fails with that error), or the peer timeout passes (the session fails naming the object and
-the source worker). Each worker handles a client's messages in order and its peers'
-deliveries concurrently, and a client only waits for moves it submitted before the wait, so
-crossing moves cannot wait for each other.
+fails with that error), or the source worker's link into that session is lost, or the peer
+timeout passes. A link is lost when it ends without a closing handshake from either side
+(close code 1006: the source's process died, or the network broke): every move the session
+is waiting for from that worker then fails at once with :class:`veil.WorkerUnavailable`,
+naming the object and the worker. A link closed normally (the source evicting an idle
+link, this worker's idle timeout) fails nothing: the source opens a new one for its next
+delivery. The peer timeout remains the fallback, e.g. for a source that dies before it ever
+opened a link into the session, or one that hangs with its link open; the session then
+fails naming the object and the source worker. Each worker handles a client's messages in
+order and its peers' deliveries concurrently, and a client only waits for moves it
+submitted before the wait, so crossing moves cannot wait for each other.
 """
 
 from __future__ import annotations
@@ -86,6 +93,8 @@ LOGGED_ERRORS = 20
 MAX_FAILED_MOVES = 4096
 #: Longest error message a ``MoveFailed`` carries.
 MAX_REASON = 2000
+#: A wait for a moved object that lasts longer than this (seconds) is logged.
+SLOW_MOVE = 1.0
 
 
 class _Client:
@@ -123,9 +132,9 @@ class _Client:
         self.links: set[ServerConnection] = set()
         self.frames = 0
         self.errors = 0
-        # Moves into this client's session: the one its frame waits for, and failures that
-        # arrived before their AwaitObject.
-        self.waiting: dict[bytes, asyncio.Future[ErrorReply | None]] = {}
+        # Moves into this client's session: the one its frame waits for (with the name of
+        # the worker it comes from), and failures that arrived before their AwaitObject.
+        self.waiting: dict[bytes, tuple[str, asyncio.Future[ErrorReply | None]]] = {}
         self.failed: dict[bytes, ErrorReply] = {}
 
     def describe(self) -> str:
@@ -366,8 +375,19 @@ class WorkerServer:
                 return
 
     def _depart(self, client: _Client) -> None:
-        if client.target is not None:
-            client.target.links.discard(client.ws)
+        target = client.target
+        if target is not None:
+            target.links.discard(client.ws)
+            live = self._clients.get(target.key) is target  # type: ignore[arg-type]
+            if live and _lost(client.ws):
+                failed = self._source_lost(client, target)
+                log.warning(
+                    "lost the connection from %s%s",
+                    client.describe(),
+                    f"; failed {failed} waiting move(s) from it" if failed else "",
+                )
+            else:
+                log.info("%s disconnected", client.describe())
             return
         self._clients.pop(client.key, None)  # type: ignore[arg-type]
         count = len(client.session.created)
@@ -487,9 +507,9 @@ class WorkerServer:
                 session.fail(ProtocolError(f"already waiting for {what}"), "AwaitObject")
                 return
             fut: asyncio.Future[ErrorReply | None] = asyncio.get_running_loop().create_future()
-            client.waiting[oid] = fut
+            client.waiting[oid] = (msg.source, fut)
             try:
-                error = await asyncio.wait_for(fut, self.limits.peer_timeout)
+                error = await self._wait_for_move(fut, client, what)
             except TimeoutError:
                 session.fail(
                     WorkerUnavailable(
@@ -500,7 +520,8 @@ class WorkerServer:
                 )
                 return
             finally:
-                if client.waiting.get(oid) is fut:
+                entry = client.waiting.get(oid)
+                if entry is not None and entry[1] is fut:
                     del client.waiting[oid]
         if error is not None:
             reason = f"{error.op} failed: {error.message}" if error.op else error.message
@@ -508,17 +529,50 @@ class WorkerServer:
                 error.kind, f"{what} did not come: {reason}"[: 2 * MAX_REASON], "move"
             )
 
+    async def _wait_for_move(
+        self, fut: asyncio.Future[ErrorReply | None], client: _Client, what: str
+    ) -> ErrorReply | None:
+        """``fut``'s result; TimeoutError after the peer timeout. A slow wait is logged."""
+        timeout = self.limits.peer_timeout
+        first = min(SLOW_MOVE, timeout)
+        await asyncio.wait((fut,), timeout=first)  # leaves fut pending on timeout
+        if fut.done():
+            return fut.result()
+        log.info("%s has waited %g s for %s", client.describe(), first, what)
+        return await asyncio.wait_for(fut, timeout - first)
+
     def _settle_move(self, target: _Client, oid: bytes, error: ErrorReply | None) -> None:
         """A move into ``target``'s session stored ``oid`` (``error`` None) or failed."""
-        fut = target.waiting.pop(oid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(error)
+        entry = target.waiting.pop(oid, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(error)
             return
         if error is not None:
             failed = target.failed
             failed[oid] = error
             while len(failed) > MAX_FAILED_MOVES:
                 del failed[next(iter(failed))]
+
+    def _source_lost(self, link: _Client, target: _Client) -> int:
+        """The peer link ``link`` into ``target``'s session was lost (see :func:`_lost`):
+        fail the moves that session is waiting for from that worker (only those: no id is
+        made up); how many."""
+        failed = 0
+        for oid, (source, fut) in list(target.waiting.items()):
+            if source != link.name or fut.done():
+                continue
+            failed += 1
+            self._settle_move(
+                target,
+                oid,
+                ErrorReply(
+                    "WorkerUnavailable",
+                    f"the connection from worker {link.name!r} ({link.where}) was lost before "
+                    "it delivered the object (that worker may have died, or the network broke)",
+                    None,
+                ),
+            )
+        return failed
 
     def _queue_move_failure(self, msg: MoveObject, session: Session) -> None:
         """The node did not carry out ``msg``: tell the destination, which may be waiting."""
@@ -553,6 +607,13 @@ def _where(ws: ServerConnection) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"{addr[0]}:{addr[1]}"
     return str(addr)
+
+
+def _lost(ws: ServerConnection) -> bool:
+    """Whether ``ws`` ended without a closing handshake begun by either side (close code
+    1006): the peer's process died or the network broke, rather than a normal close."""
+    protocol = ws.protocol
+    return protocol.close_rcvd is None and protocol.close_sent is None
 
 
 def _keepalive(ws: ServerConnection) -> None:

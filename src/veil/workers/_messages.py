@@ -208,7 +208,8 @@ class Batch:
 @dataclass(slots=True)
 class AwaitObject:
     """Wait (up to the worker's peer timeout) until the object that worker ``source`` is
-    moving here arrives as ``id``; the move's failure, reported by the source, fails here too."""
+    moving here arrives as ``id``; the move's failure, reported by the source, fails here too,
+    and so does the loss of the source's connection into this session (the source died)."""
 
     id: bytes
     source: str
