@@ -25,13 +25,13 @@ from websockets.protocol import State
 
 from veil._errors import AuthenticationError, VeilError, WorkerUnavailable
 from veil.net._auth import SESSION_ENDED, ClientHandshake
-from veil.net._frames import batch_frame, split_address
+from veil.net._frames import split_address
 from veil.net._tls import client_context
 from veil.serde import decode, encode
-from veil.workers import ErrorReply, Query, Reply
+from veil.workers import Batch, ErrorReply, Query, Reply
 from veil.workers._base import raise_error
 
-_FLUSH = encode(Query("flush"))
+_FLUSH = Query("flush")
 
 
 class _Link:
@@ -81,7 +81,7 @@ class PeerLinks:
             veil.VeilError: the error it reported for the object (e.g. LimitExceeded).
         """
         url, key = split_address(address)
-        frame = batch_frame([encode(msg), _FLUSH])
+        frame = encode(Batch([msg, _FLUSH]))  # one copy of the object's bytes
         link = self._links.get((url, key))
         if link is None:
             link = self._links[(url, key)] = _Link()
