@@ -8,7 +8,9 @@
 (d) The same with CrypTen 0.4.1, if it is installed: two parties in two processes (its own
     multiprocess launcher, gloo on loopback, default trusted-first-party provider).
 (e) (a) at batch 8 and (b) again with each worker a ``veil worker`` process on loopback
-    (WebSocket): real parallel parties, every message serialized (``--no-network`` skips it).
+    (WebSocket): real parallel parties, every message serialized (``--no-network`` skips it);
+    there the provider deals seeds to party 0 (``veil.mpc.provider``), so it sends half the
+    bytes it deals in process.
 
 veil defers products and truncations until their results are needed and then runs the
 queued ones together (``veil.mpc.protocols.batch``); the timings force every result
@@ -215,7 +217,7 @@ def bench_veil(repeats: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- network
 
 
-def bench_network(repeats: int) -> dict[str, float]:
+def bench_network(repeats: int) -> dict[str, Any]:
     """(a) at batch 8 and (b) with each worker a separate ``veil worker`` process on loopback
     (WebSocket, authenticated): real parallel parties, as CrypTen's two processes are, with
     every share, mask and dealer bundle serialized and sent. Each timing ends with a flush of
@@ -248,7 +250,9 @@ def bench_network(repeats: int) -> dict[str, float]:
             step()
             product()
         return {"mlp8": median_time(step, repeats * 2),
-                "matmul": median_time(product, repeats * 2)}
+                "matmul": median_time(product, repeats * 2),
+                "mlp8_comm": comm(lambda: [step() for _ in range(40)], 40),
+                "matmul_comm": comm(product)}
 
 
 # ---------------------------------------------------------------------- CrypTen
@@ -355,7 +359,7 @@ def _fmt_bytes(b: float) -> str:
 
 
 def report(v: dict[str, Any], c: dict[str, Any] | None,
-           net: dict[str, float] | None = None) -> None:
+           net: dict[str, Any] | None = None) -> None:
     print(
         "veil: parties are in-process VirtualWorkers (2 parties + a crypto provider); "
         "timings are medians"
@@ -423,6 +427,9 @@ def report(v: dict[str, Any], c: dict[str, Any] | None,
                 line += f"{net[key] / v['mlp8']['plain']:>8.1f}x plain"
             if c:
                 line += f"   CrypTen / veil {c[key]['time'] / net[key]:.2f}x"
+            m = net[f"{key}_comm"]
+            line += (f"   online {_fmt_bytes(m['online_bytes'])}, dealt "
+                     f"{_fmt_bytes(m['offline_bytes'])} (seeded)")
             print(line)
     ring = v["ring"]
     print()
