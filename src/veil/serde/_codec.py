@@ -258,15 +258,15 @@ def join_encoding(doc: bytes | memoryview, payloads: list[Any]) -> bytes:
     return b"".join([_FRAME_HEAD.pack(_FRAMED, len(doc)), doc, *payloads])
 
 
-def split_encoding(data: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview]:
-    """The document and the tensor bytes of an encoding (no tensor bytes if unframed).
+def split_encoding(data: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview | None]:
+    """The document and the tensor bytes of an encoding (None if it is not framed).
 
     Raises:
         SerializationError: a framed encoding whose head or length is malformed.
     """
     view = memoryview(data).cast("B")
     if not view or view[0] != _FRAMED:
-        return view, view[:0]
+        return view, None
     if len(view) < _FRAME_HEAD.size:
         raise SerializationError("truncated frame head")
     _, n = _FRAME_HEAD.unpack_from(view)
@@ -484,14 +484,12 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
     outer = getattr(_LOCAL, "frame", None)
     try:
         doc, rest = split_encoding(data)
-        framed = len(doc) + len(rest) != len(data) if isinstance(data, bytes) else (
-            len(doc) + len(rest) != memoryview(data).nbytes
-        )
-        payloads = _LOCAL.frame = _Payloads(rest) if framed else None
+        payloads = _LOCAL.frame = None if rest is None else _Payloads(rest)
         value = _unpack(doc)
-        if payloads is not None and payloads.pos != len(rest):
+        if payloads is not None and payloads.pos != len(payloads.view):
             raise SerializationError(
-                f"{len(rest) - payloads.pos} bytes after the document belong to no tensor"
+                f"{len(payloads.view) - payloads.pos} bytes after the document belong to no "
+                "tensor"
             )
         return value
     except SerializationError:
