@@ -291,9 +291,9 @@ def material(
         if not ctx.remote:
             per_party = [list(b.unbind(0)) for b in bundles]
         else:
-            last = ctx.n - 1
+            seeded = ctx.n - 1 if ctx.seeded else 0  # parties 0..n-2 were dealt seeds
             per_party = [
-                list(seeded_rows(b, count, words) if ctx.seeded and i < last else rows(b))
+                list(seeded_rows(b, count, words) if i < seeded else rows(b))
                 for i, b in enumerate(bundles)
             ]
         pool = [per_party, 0]
