@@ -46,11 +46,17 @@ class _AesCtrGenerator:
         with self._lock:
             if self._encryptor is None or self._pid != os.getpid() or self._used > _REKEY_BYTES:
                 self._rekey()
-            if len(self._zeros) < n:
-                self._zeros = bytes(max(n, 2 * len(self._zeros)))
-            self._encryptor.update_into(memoryview(self._zeros)[:n], out)  # type: ignore[union-attr]
+            self._encryptor.update_into(self.zeros(n), out)  # type: ignore[union-attr]
             self._used += n
         return out
+
+    def zeros(self, n: int) -> memoryview:
+        """``n`` zero bytes (the plaintext a CTR keystream is read from), allocated once and
+        grown as needed: a fresh zero buffer per call cost more than the encryption."""
+        zeros = self._zeros
+        if len(zeros) < n:
+            zeros = self._zeros = bytes(max(n, 2 * len(zeros)))
+        return memoryview(zeros)[:n]
 
 
 _GENERATOR = _AesCtrGenerator()
@@ -102,7 +108,7 @@ def expand_seed(seed: torch.Tensor, n: int) -> torch.Tensor:
     key = seed.contiguous().numpy().tobytes()
     out = bytearray(8 * n + 15)  # update_into may need a block's worth of room
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(bytes(8 * n), out)
+    encryptor.update_into(_GENERATOR.zeros(8 * n), out)
     return torch.frombuffer(out, dtype=torch.int64, count=n)
 
 
