@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -27,7 +28,6 @@ class _AesCtrGenerator:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._zeros = b""
         self._pid = -1
         self._used = 0
         self._encryptor = None
@@ -38,25 +38,30 @@ class _AesCtrGenerator:
         self._pid = os.getpid()
         self._used = 0
 
-    def bytes_into(self, n: int) -> bytearray:
-        """A fresh ``bytearray`` holding ``n`` random bytes (plus 15 spare bytes at the end)."""
-        out = bytearray(n + 15)
-        if n == 0:
-            return out
+    def int64(self, n: int) -> torch.Tensor:
+        """``n >= 1`` fresh random int64 values."""
         with self._lock:
             if self._encryptor is None or self._pid != os.getpid() or self._used > _REKEY_BYTES:
                 self._rekey()
-            self._encryptor.update_into(self.zeros(n), out)  # type: ignore[union-attr]
-            self._used += n
+            out = _keystream(self._encryptor, n)
+            self._used += 8 * n
         return out
 
-    def zeros(self, n: int) -> memoryview:
-        """``n`` zero bytes (the plaintext a CTR keystream is read from), allocated once and
-        grown as needed: a fresh zero buffer per call cost more than the encryption."""
-        zeros = self._zeros
-        if len(zeros) < n:
-            zeros = self._zeros = bytes(max(n, 2 * len(zeros)))
-        return memoryview(zeros)[:n]
+
+_ZEROS = b""
+
+
+def _keystream(encryptor: Any, n: int) -> torch.Tensor:
+    """The next ``8 n`` bytes of a CTR ``encryptor``'s keystream as ``n >= 1`` int64 values:
+    the encryption of zero bytes, read from one buffer allocated once and grown as needed (a
+    fresh zero buffer per call cost more than the encryption)."""
+    global _ZEROS
+    zeros = _ZEROS
+    if len(zeros) < 8 * n:
+        zeros = _ZEROS = bytes(max(8 * n, 2 * len(zeros)))
+    out = bytearray(8 * n + 15)  # update_into may need a block's worth of room
+    encryptor.update_into(memoryview(zeros)[: 8 * n], out)
+    return torch.frombuffer(out, dtype=torch.int64, count=n)
 
 
 _GENERATOR = _AesCtrGenerator()
@@ -71,8 +76,7 @@ def random_int64(shape: tuple[int, ...] | torch.Size | int) -> torch.Tensor:
         n *= int(s)
     if n == 0:
         return torch.zeros(tuple(shape), dtype=torch.int64)
-    buf = _GENERATOR.bytes_into(8 * n)
-    return torch.frombuffer(buf, dtype=torch.int64, count=n).view(tuple(shape))
+    return _GENERATOR.int64(n).view(tuple(shape))
 
 
 def random_bits(shape: tuple[int, ...] | torch.Size | int) -> torch.Tensor:
@@ -106,10 +110,7 @@ def expand_seed(seed: torch.Tensor, n: int) -> torch.Tensor:
     if n == 0:
         return torch.empty(0, dtype=torch.int64)
     key = seed.contiguous().numpy().tobytes()
-    out = bytearray(8 * n + 15)  # update_into may need a block's worth of room
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(_GENERATOR.zeros(8 * n), out)
-    return torch.frombuffer(out, dtype=torch.int64, count=n)
+    return _keystream(Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor(), n)
 
 
 __all__ = ["SEED_WORDS", "expand_seed", "random_bits", "random_int64", "random_seed"]
