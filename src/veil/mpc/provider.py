@@ -185,9 +185,9 @@ def ring_product(
     if kind == "mul":
         return x * y
     if kind == "matmul":
-        if params:  # lazily transposed operands: (transpose x, transpose y)
-            x = x.t() if params[0] else x
-            y = y.t() if params[1] else y
+        if params:  # lazily transposed matrices: (transpose x, transpose y)
+            x = x.transpose(-2, -1) if params[0] else x
+            y = y.transpose(-2, -1) if params[1] else y
         return limbs.matmul(x, y)
     if kind == "conv2d":
         stride, padding, dilation, groups = params
@@ -275,13 +275,9 @@ def _rows_product(
     if kind == "mul":  # align each operand's dimensions to the product's, after the rows
         a = a.view(count, *([1] * (ndim - a.dim() + 1)), *a.shape[1:])
         b = b.view(count, *([1] * (ndim - b.dim() + 1)), *b.shape[1:])
-        return a * b
-    if kind == "matmul" and a.dim() == 3 and b.dim() == 3:
-        if params:
-            a = a.transpose(1, 2) if params[0] else a
-            b = b.transpose(1, 2) if params[1] else b
-        return limbs.matmul(a, b)
-    return None
+    elif not (kind == "matmul" and a.dim() == 3 and b.dim() == 3):  # rows of 2-D matrices
+        return None
+    return ring_product(kind, a, b, params)
 
 
 def _trunc_fill(p: dict[str, torch.Tensor], bits: int) -> None:
