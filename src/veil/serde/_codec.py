@@ -149,11 +149,9 @@ def _tensor_parts(t: torch.Tensor) -> tuple[bytes, memoryview]:
 
 
 def _encode_tensor(t: torch.Tensor) -> Any:
+    """The tensor's header; its bytes join the payloads of the :func:`encode` under way."""
     header, raw = _tensor_parts(t)
-    payloads = getattr(_LOCAL, "payloads", None)
-    if payloads is None:  # packed outside encode(): bytes inline, as before framing
-        return _ext(_EXT_TENSOR, header + raw.tobytes())
-    payloads.append(raw)
+    _LOCAL.payloads.append(raw)
     return _ext(_EXT_TENSOR_HEADER, header)
 
 
