@@ -53,3 +53,13 @@ def tensors(shape: tuple[int, ...], bound: float = 100.0) -> st.SearchStrategy[t
 
 def shaped_tensors(max_dims: int = 3, max_side: int = 5, bound: float = 100.0):
     return shapes(max_dims, max_side).flatmap(lambda s: tensors(s, bound))
+
+
+def dealer_values(bundles: tuple[torch.Tensor, ...], arith_len: int) -> torch.Tensor:
+    """The provider's ``(count, total)`` values from the parties' full bundles: the sum of
+    the arithmetic columns, the XOR of the others."""
+    arith = sum(b[:, :arith_len] for b in bundles)
+    xor = bundles[0][:, arith_len:].clone()
+    for b in bundles[1:]:
+        xor ^= b[:, arith_len:]
+    return torch.cat([arith, xor], 1)

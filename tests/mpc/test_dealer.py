@@ -10,6 +10,8 @@ from veil.mpc import provider
 from veil.mpc.encoding import wrap
 from veil.mpc.provider import AND_LEVELS, beaver_layout, ring_product, sign_layout
 
+from .helpers import dealer_values
+
 CASES = [
     ("mul", (3, 4), (3, 4), ()),
     ("mul", (3, 4), (4,), ()),
@@ -24,20 +26,12 @@ CASES = [
 ]
 
 
-def _rows(bundles, lay):
-    """The dealer's values, row by row: the parties' bundles recombined."""
-    arith = sum(b[:, : lay.arith_len] for b in bundles)
-    xor = bundles[0][:, lay.arith_len :].clone()
-    for b in bundles[1:]:
-        xor ^= b[:, lay.arith_len :]
-    return torch.cat([arith, xor], 1)
-
-
 @pytest.mark.parametrize(("kind", "sx", "sy", "params"), CASES)
 @pytest.mark.parametrize("trunc", [0, 16])
 def test_every_row_is_a_beaver_triple(kind, sx, sy, params, trunc):
     lay = beaver_layout(kind, sx, sy, params, trunc)
-    for row in _rows(provider.deal_beaver(kind, sx, sy, params, trunc, 3, 4), lay):
+    bundles = provider.deal_beaver(kind, sx, sy, params, trunc, 3, 4)
+    for row in dealer_values(bundles, lay.arith_len):
         p = lay.unpack(row)
         assert torch.equal(p["c"], ring_product(kind, p["a"], p["b"], params))
         if trunc:
@@ -49,7 +43,7 @@ def test_every_row_is_a_beaver_triple(kind, sx, sy, params, trunc):
 @pytest.mark.parametrize("numel", [1, 31, 33, 100])
 def test_every_row_is_comparison_material(numel, relu):
     lay = sign_layout(numel, relu)
-    for row in _rows(provider.deal_sign(numel, relu, 2, 3), lay):
+    for row in dealer_values(provider.deal_sign(numel, relu, 2, 3), lay.arith_len):
         p = lay.unpack(row)
         r = p["r"]
         assert torch.equal(p["R"], (r >> 62) & 3) and torch.equal(p["msb"], (r >> 63) & 1)

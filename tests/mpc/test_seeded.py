@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from veil.mpc import _runtime, provider
 from veil.mpc._random import SEED_WORDS, expand_seed, random_seed
 
-from .helpers import reveal, shared, worker_parties
+from .helpers import dealer_values, reveal, shared, worker_parties
 
 
 def test_expand_seed_is_deterministic_and_seed_dependent():
@@ -28,14 +28,10 @@ def test_expand_seed_is_deterministic_and_seed_dependent():
 
 
 def _combine(bundles, arith_len, count, total):
-    """The dealer values from seeded bundles (the seeds expanded, as the parties do, then
-    the last party's bundle): sum, then XOR."""
+    """The dealer values from seeded bundles: the seeds expanded, as the parties do, then
+    recombined with the last party's bundle."""
     full = [provider.seeded_bundle(s, count, total) for s in bundles[:-1]] + [bundles[-1]]
-    arith = sum(b[:, :arith_len] for b in full)
-    xor = full[0][:, arith_len:].clone()
-    for b in full[1:]:
-        xor ^= b[:, arith_len:]
-    return torch.cat([arith, xor], 1)
+    return dealer_values(full, arith_len)
 
 
 @settings(max_examples=20, deadline=None)
