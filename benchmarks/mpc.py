@@ -4,6 +4,10 @@
     at batch 8 and 32: plain PyTorch, veil with data and model secret-shared between two
     in-process VirtualWorkers (a third one is the crypto provider), and CrypTen.
 (b) A 256x256 @ 256x256 product of two shared fixed-point matrices (with truncation).
+    (a) at batch 8 and (b) run twice: with veil's default truncation (dealer-provided pairs,
+    exact to one unit, correct for any number of parties) and with the two-party local
+    truncation (``share(..., truncation="local")``, no round, a stated failure probability:
+    the protocol CrypTen uses for two parties).
 (c) ReLU on 100,000 shared values.
 (d) The same with CrypTen 0.4.1, if it is installed: two parties in two processes (its own
     multiprocess launcher, gloo on loopback, default trusted-first-party provider).
@@ -146,17 +150,27 @@ def comm(fn: Callable[[], Any], per: int = 1) -> dict[str, float]:
 
 # ---------------------------------------------------------------------- veil
 
+#: Result keys of the runs with local truncation (``share(..., truncation="local")``).
+_SUFFIX = {"dealer": "", "local": "_local"}
+
+
+def _share(alice: Any, bob: Any, carol: Any, mode: str, obj: Any) -> Any:
+    """``obj`` (a tensor or module) in fixed point, shared with truncation ``mode``."""
+    return obj.fix_precision().share(alice, bob, crypto_provider=carol, truncation=mode)
+
+
 
 def bench_veil(repeats: int) -> dict[str, Any]:
     data = veil.datasets.boston()
     alice, bob, carol = (veil.VirtualWorker(n) for n in ("alice", "bob", "carol"))
     out: dict[str, Any] = {}
-    for bs in BATCHES:
+    for bs, mode in [(bs, "dealer") for bs in BATCHES] + [(8, "local")]:
+        share = functools.partial(_share, alice, bob, carol, mode)
         n = 40
         idx = [torch.arange(i * bs, (i + 1) * bs) % data.x_train.shape[0] for i in range(n)]
         plain_batches = [(data.x_train[i], data.y_train[i]) for i in idx]
-        x = data.x_train.fix_precision().share(alice, bob, crypto_provider=carol)
-        y = data.y_train.fix_precision().share(alice, bob, crypto_provider=carol)
+        x = share(data.x_train)
+        y = share(data.y_train)
         secure_batches = [
             (x[i * bs : (i + 1) * bs], y[i * bs : (i + 1) * bs])
             for i in range(min(n, data.x_train.shape[0] // bs))
@@ -165,7 +179,7 @@ def bench_veil(repeats: int) -> dict[str, Any]:
             secure_batches += secure_batches[: n - len(secure_batches)]
         plain = paper_mlp()
         plain_opt = torch.optim.SGD(plain.parameters(), lr=0.001)
-        secure = paper_mlp().fix_precision().share(alice, bob, crypto_provider=carol)
+        secure = share(paper_mlp())
         secure_opt = torch.optim.SGD(secure.parameters(), lr=0.001)
         train_steps(plain, plain_opt, plain_batches)
         train_steps(secure, secure_opt, secure_batches * 2)  # warm-up: pools, caches
@@ -175,26 +189,27 @@ def bench_veil(repeats: int) -> dict[str, Any]:
         for _ in range(repeats):  # interleaved, so that machine noise hits both alike
             tp.append(median_time(run_plain, 1, n))
             ts.append(median_time(run_secure, 1, n))
-        out[f"mlp{bs}"] = {
+        out[f"mlp{bs}" + _SUFFIX[mode]] = {
             "plain": statistics.median(tp),
             "veil": statistics.median(ts),
             "comm": comm(run_secure, n),
             "party": per_party_time(run_secure, repeats, [alice, bob], carol, n),
         }
 
-    a = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
-    b = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
+    for mode in ("dealer", "local"):
+        a = _share(alice, bob, carol, mode, torch.randn(256, 256))
+        b = _share(alice, bob, carol, mode, torch.randn(256, 256))
 
-    def product() -> Any:
-        return (a @ b).child.shares  # products are deferred: run it now
+        def product(a: Any = a, b: Any = b) -> Any:
+            return (a @ b).child.shares  # products are deferred: run it now
 
-    for _ in range(3):
-        product()
-    out["matmul"] = {
-        "veil": median_time(product, repeats),
-        "comm": comm(product),
-        "party": per_party_time(product, repeats, [alice, bob], carol),
-    }
+        for _ in range(3):
+            product()
+        out["matmul" + _SUFFIX[mode]] = {
+            "veil": median_time(product, repeats),
+            "comm": comm(product),
+            "party": per_party_time(product, repeats, [alice, bob], carol),
+        }
     v = torch.randn(100_000).fix_precision().share(alice, bob, crypto_provider=carol)
     for _ in range(2):
         torch.relu(v)
@@ -230,29 +245,30 @@ def bench_network(repeats: int) -> dict[str, Any]:
             for w in workers:
                 w.flush()
 
-        x = data.x_train[:8].fix_precision().share(alice, bob, crypto_provider=carol)
-        y = data.y_train[:8].fix_precision().share(alice, bob, crypto_provider=carol)
-        model = paper_mlp().fix_precision().share(alice, bob, crypto_provider=carol)
-        opt = torch.optim.SGD(model.parameters(), lr=0.001)
+        out: dict[str, Any] = {}
+        for mode, suffix in _SUFFIX.items():
+            share = functools.partial(_share, alice, bob, carol, mode)
+            x, y, model = share(data.x_train[:8]), share(data.y_train[:8]), share(paper_mlp())
+            opt = torch.optim.SGD(model.parameters(), lr=0.001)
 
-        def step() -> None:
-            train_steps(model, opt, [(x, y)])
-            done()
+            def step(model: Any = model, opt: Any = opt, x: Any = x, y: Any = y) -> None:
+                train_steps(model, opt, [(x, y)])
+                done()
 
-        a = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
-        b = torch.randn(256, 256).fix_precision().share(alice, bob, crypto_provider=carol)
+            a, b = share(torch.randn(256, 256)), share(torch.randn(256, 256))
 
-        def product() -> None:
-            (a @ b).child.shares  # noqa: B018 (forces the deferred product)
-            done()
+            def product(a: Any = a, b: Any = b) -> None:
+                (a @ b).child.shares  # noqa: B018 (forces the deferred product)
+                done()
 
-        for _ in range(3):
-            step()
-            product()
-        return {"mlp8": median_time(step, repeats * 2),
-                "matmul": median_time(product, repeats * 2),
-                "mlp8_comm": comm(lambda: [step() for _ in range(40)], 40),
-                "matmul_comm": comm(product)}
+            for _ in range(3):
+                step()
+                product()
+            out["mlp8" + suffix] = median_time(step, repeats * 2)
+            out["matmul" + suffix] = median_time(product, repeats * 2)
+            out[f"mlp8{suffix}_comm"] = comm(lambda step=step: [step() for _ in range(40)], 40)
+            out[f"matmul{suffix}_comm"] = comm(product)
+        return out
 
 
 # ---------------------------------------------------------------------- CrypTen
@@ -350,6 +366,16 @@ def bench_crypten(repeats: int) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------- report
 
 
+#: Report rows: result key, label, the CrypTen result it is compared with.
+_ROWS = [
+    *[(f"mlp{bs}", f"MLP train, batch {bs}", f"mlp{bs}") for bs in BATCHES],
+    ("mlp8_local", "  batch 8, local trunc.", "mlp8"),
+    ("matmul", "matmul 256x256x256", "matmul"),
+    ("matmul_local", "  local truncation", "matmul"),
+    ("relu", "ReLU 100,000", "relu"),
+]
+
+
 def _fmt_bytes(b: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if b < 1024:
@@ -371,63 +397,50 @@ def report(v: dict[str, Any], c: dict[str, Any] | None,
         f"{'task':<26}{'plain':>10}{'veil':>11}{'veil/plain':>12}"
         f"{'CrypTen':>11}{'CrypTen/veil':>14}"
     )
-    for bs in BATCHES:
-        r = v[f"mlp{bs}"]
-        ct = c[f"mlp{bs}"]["time"] if c else None
-        label = f"MLP train, batch {bs}"
-        print(
-            f"{label:<26}{r['plain'] * 1e3:>8.3f}ms{r['veil'] * 1e3:>9.2f}ms"
-            f"{r['veil'] / r['plain']:>11.1f}x"
-            + (f"{ct * 1e3:>9.1f}ms{ct / r['veil']:>13.1f}x" if c else "")
-        )
-    for key, label in (("matmul", "matmul 256x256x256"), ("relu", "ReLU 100,000")):
+    rows = _ROWS
+    for key, label, ckey in rows:
         r = v[key]
-        ct = c[key]["time"] if c else None
-        print(
-            f"{label:<26}{'':>10}{r['veil'] * 1e3:>9.2f}ms{'':>12}"
-            + (f"{ct * 1e3:>9.1f}ms{ct / r['veil']:>13.1f}x" if c else "")
-        )
+        ct = c[ckey]["time"] if c else None
+        line = f"{label:<26}"
+        line += f"{r['plain'] * 1e3:>8.3f}ms" if "plain" in r else f"{'':>10}"
+        line += f"{r['veil'] * 1e3:>9.2f}ms"
+        line += f"{r['veil'] / r['plain']:>11.1f}x" if "plain" in r else f"{'':>12}"
+        print(line + (f"{ct * 1e3:>9.1f}ms{ct / r['veil']:>13.1f}x" if c else ""))
     print()
     print("estimated per-party time (wall minus the other party's and the provider's work):")
-    for key, label in [(f"mlp{bs}", f"MLP train, batch {bs}") for bs in BATCHES] + [
-        ("matmul", "matmul 256x256x256"),
-        ("relu", "ReLU 100,000"),
-    ]:
+    for key, label, ckey in rows:
         r = v[key]
         line = f"  {label:<24}{r['party'] * 1e3:>9.2f}ms"
         if "plain" in r:
             line += f"{r['party'] / r['plain']:>8.1f}x plain"
         if c:
-            line += f"{c[key]['time'] / r['party']:>8.1f}x faster than CrypTen"
+            line += f"{c[ckey]['time'] / r['party']:>8.1f}x faster than CrypTen"
         print(line)
     print()
     print(
         f"{'communication':<26}{'veil rounds':>12}{'online':>11}{'offline':>11}"
         f"{'CrypTen rounds':>16}{'bytes':>11}"
     )
-    for key, label in [(f"mlp{bs}", f"MLP batch {bs} (per batch)") for bs in BATCHES] + [
-        ("matmul", "matmul 256"),
-        ("relu", "ReLU 100,000"),
-    ]:
+    for key, label, ckey in rows:
         m = v[key]["comm"]
         line = (
             f"{label:<26}{m['rounds']:>12.0f}{_fmt_bytes(m['online_bytes']):>11}"
             f"{_fmt_bytes(m['offline_bytes']):>11}"
         )
         if c:
-            cm = c[key]["comm"]
+            cm = c[ckey]["comm"]
             line += f"{cm['rounds']:>16.0f}{_fmt_bytes(cm['online_bytes']):>11}"
         print(line)
     if net:
         print()
         print("veil with each worker in its own process (WebSocket on loopback, serialized):")
-        for key, label in (("mlp8", "MLP train, batch 8"), ("matmul", "matmul 256x256x256")):
+        for key, label, ckey in [row for row in rows if row[0] in net]:
             line = f"  {label:<24}{net[key] * 1e3:>9.2f}ms"
-            if key == "mlp8":
-                line += f"{net[key] / v['mlp8']['plain']:>8.1f}x plain"
+            if key.startswith("mlp"):
+                line += f"{net[key] / v[ckey]['plain']:>8.1f}x plain"
             if c:
-                line += f"   CrypTen / veil {c[key]['time'] / net[key]:.2f}x"
-            m = net[f"{key}_comm"]
+                line += f"   CrypTen / veil {c[ckey]['time'] / net[key]:.2f}x"
+            m = net[key + "_comm"]
             line += (f"   online {_fmt_bytes(m['online_bytes'])}, dealt "
                      f"{_fmt_bytes(m['offline_bytes'])} (seeded)")
             print(line)

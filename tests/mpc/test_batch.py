@@ -91,11 +91,24 @@ def test_optimizer_step_truncates_all_parameters_in_one_round():
 
 
 def test_plans_are_checked_by_the_parties():
-    specs = (("t", (2,), 16, 1, False), ("t", (2, 3), 16, 1, True))
+    specs = (
+        ("t", (2,), 16, 1, False, False),
+        ("t", (2, 3), 16, 1, True, True),
+        ("b", "matmul", (2, 3), (3, 4), (), 16, True),
+    )
     assert batch.parse_plan(batch.plan_text(specs)) == specs
     bad_plans = ("", "[]", "{}", '[["x"]]', '[["b", 1]]', '[["t", [2]]]', "not json")
-    for bad in (*bad_plans, '[["t", [2], 16, 1, true]]'):
+    for bad in (
+        *bad_plans,
+        '[["t", [2], 16, 1, true, false]]',  # a transposed 1-D input
+        '[["t", [2], 16, 1, false]]',  # no local flag
+        '[["t", [2], 16, 1, false, 1]]',  # a local flag that is not a bool
+        '[["b", "mul", [2], [2], [], 16]]',  # no local flag
+        '[["b", "mul", [2], [2], [], 16, "yes"]]',
+    ):
         with pytest.raises(veil.ProtocolError):
             batch.parse_plan(bad)
     with pytest.raises(veil.ProtocolError):
-        batch.batch_mask(0, batch.plan_text((("t", (2,), 16, 1, False),)), torch.zeros(2))
+        batch.batch_mask(
+            0, batch.plan_text((("t", (2,), 16, 1, False, False),)), torch.zeros(2)
+        )

@@ -23,9 +23,11 @@ def _tensor_float_precision(self: torch.Tensor) -> torch.Tensor:
     raise ProtocolError("float_precision() needs a fixed-precision tensor: this one is plain")
 
 
-def _tensor_share(self: torch.Tensor, *parties: Any, crypto_provider: Any = None) -> Any:
-    """Secret-share this int64 tensor among ``parties`` (veil)."""
-    return sharing.share(self, *parties, crypto_provider=crypto_provider)
+def _tensor_share(
+    self: torch.Tensor, *parties: Any, crypto_provider: Any = None, truncation: str = "dealer"
+) -> Any:
+    """Secret-share this int64 tensor among ``parties`` (veil; see ``veil.mpc.share``)."""
+    return sharing.share(self, *parties, crypto_provider=crypto_provider, truncation=truncation)
 
 
 def _module_fix_precision(self: nn.Module, precision_bits: int = DEFAULT_PRECISION) -> nn.Module:
@@ -38,9 +40,13 @@ def _module_float_precision(self: nn.Module) -> nn.Module:
     return _module.float_precision_module(self)
 
 
-def _module_share(self: nn.Module, *parties: Any, crypto_provider: Any = None) -> nn.Module:
+def _module_share(
+    self: nn.Module, *parties: Any, crypto_provider: Any = None, truncation: str = "dealer"
+) -> nn.Module:
     """Secret-share this module's fixed-point parameters among ``parties`` (veil)."""
-    return _module.share_module(self, *parties, crypto_provider=crypto_provider)
+    return _module.share_module(
+        self, *parties, crypto_provider=crypto_provider, truncation=truncation
+    )
 
 
 _TENSOR_METHODS = {

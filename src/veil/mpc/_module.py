@@ -54,15 +54,20 @@ def fix_precision_module(module: nn.Module, precision_bits: int = DEFAULT_PRECIS
     return _convert(module, fn)
 
 
-def share_module(module: nn.Module, *parties: Any, crypto_provider: Any = None) -> nn.Module:
-    """Secret-share every fixed-precision parameter and buffer of ``module``."""
+def share_module(
+    module: nn.Module, *parties: Any, crypto_provider: Any = None, truncation: str = "dealer"
+) -> nn.Module:
+    """Secret-share every fixed-precision parameter and buffer of ``module`` (``truncation``:
+    see :func:`veil.mpc.share`)."""
 
     def fn(t: torch.Tensor) -> torch.Tensor | None:
         if not isinstance(t, FixedPrecisionTensor):
             if t.dtype.is_floating_point:
                 raise ProtocolError("call .fix_precision() on the module before .share()")
             return None
-        return FixedPrecisionTensor.share(t.detach(), *parties, crypto_provider=crypto_provider)
+        return FixedPrecisionTensor.share(
+            t.detach(), *parties, crypto_provider=crypto_provider, truncation=truncation
+        )
 
     _convert(module, fn)
     # ``nn.Module.get`` belongs to pointers (sent modules); a shared module answers ``get``

@@ -72,13 +72,18 @@ class Context:
     """
 
     __slots__ = (
-        "__weakref__", "n", "parties", "pending", "pools", "provider", "remote", "seeded"
+        "__weakref__", "n", "parties", "pending", "pools", "provider", "remote", "seeded",
+        "truncation",
     )
 
-    def __init__(self, parties: tuple[Any, ...], provider: Any) -> None:
+    def __init__(self, parties: tuple[Any, ...], provider: Any, truncation: str = "dealer"):
         self.parties = parties
         self.provider = provider
         self.n = len(parties)
+        #: How products and divisions are truncated: ``"dealer"`` (truncation pairs, any
+        #: ``n``, one round) or ``"local"`` (two parties, no round, a failure probability:
+        #: see :mod:`veil.mpc.protocols.truncation`).
+        self.truncation = truncation
         self.remote = isinstance(parties[0], Worker)
         #: Whether the provider deals seeds instead of random bundles (see
         #: :mod:`veil.mpc.provider`): when a party or the provider is not an in-process
@@ -93,7 +98,8 @@ class Context:
     def __repr__(self) -> str:
         names = ", ".join(_name(p) for p in self.parties)
         prov = _name(self.provider) if self.provider is not None else "none"
-        return f"Context(parties=[{names}], crypto_provider={prov})"
+        mode = "" if self.truncation == "dealer" else f", truncation={self.truncation!r}"
+        return f"Context(parties=[{names}], crypto_provider={prov}{mode})"
 
     def require_provider(self, what: str) -> Any:
         if self.provider is None:
@@ -111,16 +117,35 @@ def _name(p: Any) -> str:
 _CONTEXTS: weakref.WeakValueDictionary[Any, Context] = weakref.WeakValueDictionary()
 
 
-def context(parties: Sequence[Any], provider: Any = None) -> Context:
+#: The truncation protocols a context can use (see :mod:`veil.mpc.protocols.truncation`).
+TRUNCATIONS = ("dealer", "local")
+
+
+def context(parties: Sequence[Any], provider: Any = None, truncation: str = "dealer") -> Context:
     """The :class:`Context` of ``parties`` (workers, or names for local simulation).
+
+    ``truncation``: ``"dealer"`` (the default: dealer-provided truncation pairs, correct for
+    any number of parties, one round) or ``"local"`` (two parties only: each truncates its
+    own share, no round and no dealer material, wrong with probability ``|z| / 2^64`` per
+    value; see :mod:`veil.mpc.protocols.truncation`).
 
     Raises:
         veil.ProtocolError: fewer than two parties, a party listed twice, workers mixed with
-            names, or a provider that is also a party.
+            names, a provider that is also a party, an unknown ``truncation``, or
+            ``"local"`` truncation with more than two parties.
     """
     parties = tuple(parties)
     if len(parties) < 2:
         raise ProtocolError(f"secret sharing needs at least 2 parties, got {len(parties)}")
+    if truncation not in TRUNCATIONS:
+        raise ProtocolError(
+            f"truncation must be one of {', '.join(map(repr, TRUNCATIONS))}, got {truncation!r}"
+        )
+    if truncation == "local" and len(parties) != 2:
+        raise ProtocolError(
+            f"local truncation works with exactly 2 parties, got {len(parties)}: use "
+            "truncation='dealer' (correct for any number of parties)"
+        )
     remote = isinstance(parties[0], Worker)
     for p in parties:
         if isinstance(p, Worker) != remote or not (remote or isinstance(p, str)):
@@ -143,10 +168,10 @@ def context(parties: Sequence[Any], provider: Any = None) -> Context:
             )
     else:
         pkey = None
-    key = (remote, keys, pkey)
+    key = (remote, keys, pkey, truncation)
     ctx = _CONTEXTS.get(key)
     if ctx is None:
-        ctx = Context(parties, provider)
+        ctx = Context(parties, provider, truncation)
         _CONTEXTS[key] = ctx
     return ctx
 
@@ -155,6 +180,11 @@ def merge(a: Context, b: Context) -> Context:
     """The context of a computation on values shared in ``a`` and ``b``."""
     if a is b:
         return a
+    if a.truncation != b.truncation:
+        raise ProtocolError(
+            f"cannot combine values shared with different truncations ({a.truncation!r} and "
+            f"{b.truncation!r}): share them with the same truncation=..."
+        )
     if len(a.parties) == len(b.parties) and all(p is q for p, q in zip(a.parties, b.parties)):
         if b.provider is None:
             return a
@@ -316,6 +346,7 @@ def on_party(ctx: Context, i: int, fn: Callable[..., Any], *args: Any) -> Any:
 
 __all__ = [
     "STATS",
+    "TRUNCATIONS",
     "Context",
     "Stats",
     "context",

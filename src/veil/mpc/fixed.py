@@ -118,10 +118,15 @@ class FixedPrecisionTensor(torch.Tensor):
             child = child.get()
         return FixedPrecisionTensor(child, self.precision_bits, self.dtype)
 
-    def share(self, *parties: Any, crypto_provider: Any = None) -> FixedPrecisionTensor:
-        """Secret-share the encodings among ``parties`` (see :func:`veil.mpc.share`)."""
+    def share(
+        self, *parties: Any, crypto_provider: Any = None, truncation: str = "dealer"
+    ) -> FixedPrecisionTensor:
+        """Secret-share the encodings among ``parties`` (see :func:`veil.mpc.share`, which
+        also explains ``truncation``)."""
         out = FixedPrecisionTensor(
-            sharing.share(self.child, *parties, crypto_provider=crypto_provider),
+            sharing.share(
+                self.child, *parties, crypto_provider=crypto_provider, truncation=truncation
+            ),
             self.precision_bits,
             self.dtype,
             requires_grad=self.requires_grad,

@@ -148,7 +148,9 @@ class AdditiveSharingTensor(torch.Tensor):
         """Fresh shares of the same value (see :func:`refresh`)."""
         return refresh(self)
 
-    def share(self, *parties: Any, crypto_provider: Any = None) -> AdditiveSharingTensor:
+    def share(
+        self, *parties: Any, crypto_provider: Any = None, truncation: str = "dealer"
+    ) -> AdditiveSharingTensor:
         raise ProtocolError("this tensor is already shared; .get() it first to share it anew")
 
 
@@ -179,8 +181,17 @@ def split_remote(x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     return tuple(split(x.detach(), n))
 
 
-def share(value: torch.Tensor, *parties: Any, crypto_provider: Any = None) -> AdditiveSharingTensor:
+def share(
+    value: torch.Tensor, *parties: Any, crypto_provider: Any = None, truncation: str = "dealer"
+) -> AdditiveSharingTensor:
     """Secret-share int64 ``value`` among ``parties`` (workers, or names to simulate locally).
+
+    ``truncation`` chooses how products of fixed-point values are brought back to their
+    precision: ``"dealer"`` (default; truncation pairs from the crypto provider, correct for
+    any number of parties, one round) or ``"local"`` (two parties: each truncates its own
+    share, no round, wrong with probability ``(|z| + 1) / 2^64`` per value; see
+    :mod:`veil.mpc.protocols.truncation`). Values combined in one computation must be
+    shared with the same choice.
 
     A local tensor is split here and share ``i`` is sent to party ``i``. A pointer is split
     by the worker holding it, which sends the shares straight to the parties: the caller
@@ -188,11 +199,12 @@ def share(value: torch.Tensor, *parties: Any, crypto_provider: Any = None) -> Ad
 
     Raises:
         veil.ProtocolError: fewer than 2 parties, mixed party kinds, a provider that is a
-            party, or a non-int64 value.
+            party, a non-int64 value, an unknown ``truncation`` or ``"local"`` truncation
+            with more than two parties.
     """
     if len(parties) == 1 and isinstance(parties[0], (list, tuple)):
         parties = tuple(parties[0])
-    ctx = context(parties, crypto_provider)
+    ctx = context(parties, crypto_provider, truncation)
     if type(value) is PointerTensor:
         if not ctx.remote:
             raise ProtocolError("a pointer can only be shared among workers")

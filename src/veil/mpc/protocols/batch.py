@@ -95,13 +95,15 @@ def queue_product(
     """
     sx, sy, params = tuple(xs[0].shape), tuple(ys[0].shape), tuple(params)
     shape = product_shape(kind, sx, sy, params)
-    lay = beaver_layout(kind, sx, sy, params, trunc)
+    local = bool(trunc) and ctx.truncation == "local"
+    dealt = 0 if local else trunc  # local truncation needs no truncation pair
+    lay = beaver_layout(kind, sx, sy, params, dealt)
     bundles = material(
-        ctx, "multiplying two shared values", deal_beaver, (kind, sx, sy, params, trunc), lay.total
+        ctx, "multiplying two shared values", deal_beaver, (kind, sx, sy, params, dealt), lay.total
     )
     add = _addends(add, ctx.n)
     items = [(xs[i], ys[i], bundles[i], add[i]) for i in range(ctx.n)]
-    op = Op(("b", kind, sx, sy, params, trunc), items, shape)
+    op = Op(("b", kind, sx, sy, params, trunc, local), items, shape)
     ctx.pending.append(op)
     return op
 
@@ -120,12 +122,16 @@ def queue_truncation(
     by the parties in their last step instead of in a command of its own).
     """
     shape = tuple(xs[0].shape)
-    lay = trunc_layout(shape)
-    bundles = material(ctx, "truncation", deal_trunc, (shape, bits), lay.total)
+    local = ctx.truncation == "local"
+    if local:  # no dealer material: the parties truncate their own shares
+        bundles: list[Any] = [None] * ctx.n
+    else:
+        lay = trunc_layout(shape)
+        bundles = material(ctx, "truncation", deal_trunc, (shape, bits), lay.total)
     add = _addends(add, ctx.n)
     items = [(xs[i], bundles[i], add[i]) for i in range(ctx.n)]
     out = (shape[1], shape[0]) if transposed else shape
-    op = Op(("t", shape, bits, int(scale), bool(transposed)), items, out)
+    op = Op(("t", shape, bits, int(scale), bool(transposed), local), items, out)
     ctx.pending.append(op)
     return op
 
@@ -170,9 +176,13 @@ def parse_plan(plan: str) -> tuple[tuple[Any, ...], ...]:
     for spec in specs:
         if not isinstance(spec, tuple) or not spec or spec[0] not in _ARITY:
             raise ProtocolError(f"unknown batched operation {spec!r}")
-        if spec[0] == "b" and (len(spec) != 6 or not isinstance(spec[1], str)):
+        if spec[0] == "b" and (
+            len(spec) != 7 or not isinstance(spec[1], str) or type(spec[6]) is not bool
+        ):
             raise ProtocolError(f"malformed product spec {spec!r}")
-        if spec[0] == "t" and (len(spec) != 5 or (spec[4] and len(spec[1]) != 2)):
+        if spec[0] == "t" and (
+            len(spec) != 6 or (spec[4] and len(spec[1]) != 2) or type(spec[5]) is not bool
+        ):
             raise ProtocolError(f"malformed truncation spec {spec!r}")
     return specs
 
@@ -182,25 +192,29 @@ class _Step:
     the party steps derive from them (layout, sizes, shapes, where its arguments sit)."""
 
     __slots__ = (
-        "arg", "bits", "flip", "kind", "lay", "nx", "out_shape", "params", "product", "scale",
-        "shape", "size", "sx", "sy", "trunc",
+        "arg", "bits", "flip", "kind", "lay", "local", "nx", "out_shape", "params", "product",
+        "scale", "shape", "size", "sx", "sy", "trunc",
     )
 
     def __init__(self, spec: tuple[Any, ...], arg: int) -> None:
         self.arg = arg  # index of its first argument in the flat argument list
         self.product = spec[0] == "b"
         if self.product:
-            self.kind, self.sx, self.sy, self.params, self.trunc = spec[1:]
+            self.kind, self.sx, self.sy, self.params, trunc, self.local = spec[1:]
+            # ``trunc``: truncation by the dealer's protocol (a second round); ``bits``: by
+            # the parties themselves, in this op's last step (local truncation)
+            self.trunc = 0 if self.local else trunc
+            self.bits = trunc if self.local else 0
             self.lay = beaver_layout(self.kind, self.sx, self.sy, self.params, self.trunc)
             self.nx = _numel(self.sx)
             self.size = self.nx + _numel(self.sy)
             self.shape = product_shape(self.kind, self.sx, self.sy, self.params)
             self.out_shape = self.shape
         else:
-            self.shape, self.bits, self.scale, self.flip = spec[1:]
+            self.shape, self.bits, self.scale, self.flip, self.local = spec[1:]
             self.trunc = 0
-            self.lay = trunc_layout(self.shape)
-            self.size = _numel(self.shape)
+            self.lay = None if self.local else trunc_layout(self.shape)
+            self.size = 0 if self.local else _numel(self.shape)  # its part of the message
             self.out_shape = (self.shape[1], self.shape[0]) if self.flip else self.shape
 
 
@@ -241,6 +255,8 @@ def batch_mask(i: int, plan: str, *args: Any) -> tuple[torch.Tensor, torch.Tenso
     msg = np.empty(sum(st.size for st in steps), dtype=np.int64)
     pos = 0
     for st in steps:
+        if not st.size:
+            continue  # a local truncation sends nothing
         x = args[st.arg].numpy()
         p = st.lay.arrays(args[st.arg + (2 if st.product else 1)])
         if st.product:
@@ -278,22 +294,25 @@ def batch_open(
     i: int, plan: str, msg: torch.Tensor, nparts: int, *args: Any
 ) -> tuple[torch.Tensor, ...]:
     """Step 2: results of the ops that finish now (in order), then, if a product
-    truncates, the second message (kept and sent). ``args``: the ``nparts`` messages
-    received, then the ops' arguments."""
+    truncates with the dealer's protocol, the second message (kept and sent). ``args``: the
+    ``nparts`` messages received, then the ops' arguments. ``msg`` is None if no op sends
+    anything (local truncations only)."""
     items = args[nparts:]
     steps = _steps(plan, items)
     _, _, total = compile_plan(plan)
-    both = opened(msg, args[:nparts])
+    both = opened(msg, args[:nparts]) if msg is not None else None
     outs = []
     second = np.empty(total, dtype=np.int64) if total else None
     pos = 0
     pos2 = 0
     for st in steps:
-        piece = both[pos : pos + st.size]
+        piece = both[pos : pos + st.size] if both is not None else None
         pos += st.size
         row = items[st.arg + (2 if st.product else 1)]
         if st.product:
             z = beaver.product_share(i, piece, row, st.lay, st.kind, st.sx, st.sy, st.params)
+            if st.bits:  # local truncation
+                z = torch.from_numpy(truncation.local_array(i, z.numpy(), st.bits)).view(z.shape)
             if st.trunc:
                 # z_i + r_i (+ the offset on party 0): the second message
                 m = z.numel()
@@ -304,6 +323,14 @@ def batch_open(
                 pos2 += m
                 continue
             add = items[st.arg + 3]
+        elif st.local:
+            x = items[st.arg].numpy()
+            z = torch.from_numpy(
+                truncation.local_array(i, x * st.scale if st.scale != 1 else x, st.bits)
+            ).view(st.shape)
+            if st.flip:
+                z = z.t()
+            add = items[st.arg + 2]
         else:
             p = st.lay.arrays(row)
             flat = truncation.finish_array(
@@ -366,15 +393,19 @@ def flush(ctx: Context) -> None:
     n = ctx.n
     plan = plan_text(tuple(op.spec for op in ops))
     items = [tuple(a for op in ops for a in op.items[i]) for i in range(n)]
-    masks = [batch_mask(i, plan, *items[i]) for i in range(n)]
-    parts = exchange(ctx, [m[1] for m in masks])
-    outs = [
-        batch_open(i, plan, masks[i][0], n - 1, *parts[i], *items[i]) for i in range(n)
-    ]
+    if all(op.spec[0] == "t" and op.spec[5] for op in ops):
+        # local truncations only: nothing to open, one command per party
+        outs = [batch_open(i, plan, None, 0, *items[i]) for i in range(n)]
+    else:
+        masks = [batch_mask(i, plan, *items[i]) for i in range(n)]
+        parts = exchange(ctx, [m[1] for m in masks])
+        outs = [
+            batch_open(i, plan, masks[i][0], n - 1, *parts[i], *items[i]) for i in range(n)
+        ]
     later = []
     j = 0
     for op in ops:
-        if op.spec[0] == "b" and op.spec[5]:
+        if op.spec[0] == "b" and op.spec[5] and not op.spec[6]:
             later.append(op)
             continue
         op.result = [outs[i][j] for i in range(n)]

@@ -13,10 +13,12 @@ Protocol ``beaver_product(x, y, op)`` for a bilinear ``op`` (elementwise ``*``, 
    ``op(eps, delta)``: the ``z_i`` are shares of ``op(x, y)`` because ``op`` is bilinear:
    ``op(x, y) = op(eps + a, delta + b) = op(eps, delta) + op(eps, b) + op(a, delta) + c``.
 4. For fixed-point values, the product carries twice the fractional bits: the same step
-   also sends ``z_i + r_i`` and a second round truncates (:mod:`.truncation`).
+   also sends ``z_i + r_i`` and a second round truncates (:mod:`.truncation`); with local
+   truncation (two parties) each party truncates its ``z_i`` itself in this step instead.
 
-Exact in Z_2^64 (step 3); with truncation the result is within one unit of the last place.
-One round, two with truncation. Each triple is used once.
+Exact in Z_2^64 (step 3); with truncation the result is within one unit of the last place
+(local truncation: unless it fails, see :mod:`.truncation`). One round, two with dealer
+truncation. Each triple is used once.
 """
 
 from __future__ import annotations
@@ -124,7 +126,11 @@ def beaver_product(
     add: list[Any] | None = None,
 ) -> list[Any]:
     """Shares of ``op(x, y)`` (then ``>> trunc`` if ``trunc > 0``) from shares of x and y,
-    plus ``add[i]`` on party ``i`` if given."""
+    plus ``add[i]`` on party ``i`` if given. With local truncation
+    (``ctx.truncation == "local"``) the parties truncate their product shares themselves."""
+    if trunc and ctx.truncation == "local":
+        zs = beaver_product(ctx, xs, ys, kind, params)
+        return truncation.truncate(ctx, zs, trunc, 1, add)
     sx, sy = tuple(xs[0].shape), tuple(ys[0].shape)
     lay = beaver_layout(kind, sx, sy, params, trunc)
     what = "multiplying two shared values"

@@ -25,6 +25,24 @@ Accuracy: the result is ``floor(z / 2^s) + b``, and ``b = 1`` exactly when ``u +
 out of the low ``s`` bits, which for uniform ``r`` happens with probability
 ``(z mod 2^s) / 2^s``: this is unbiased stochastic rounding, always strictly within one unit
 of the last place of ``z / 2^s`` (one unit is ``2^-f``, 1.5e-5 for ``f = 16``). One round.
+
+**Local truncation** (two parties only; ``share(..., truncation="local")``, the trick of
+SecureML, Mohassel and Zhang 2017, and CrypTen's default for two parties). No round, no
+dealer material:
+
+1. Party 0 outputs ``floor(z_0 / 2^s)``, party 1 outputs ``-floor(-z_1 / 2^s)``, each
+   reading its share as a signed 64-bit integer.
+
+Error bound: if ``z_0 + z_1`` (as signed integers) equals ``z``, the result is
+``floor(z / 2^s)`` or one more, as above (one unit of the last place at most; the low bits
+of the uniform ``z_0`` make it stochastic rounding). Otherwise the sum wrapped, and the
+result is off by ``2^(64-s)`` units, a failure: for a uniformly random share ``z_0`` (veil's
+shares always are: they come from a split or carry dealer masks) this happens with
+probability exactly ``(|z| + 1) / 2^64`` per value, independently across values and runs.
+After a product of fixed-point values ``x * y`` with ``f`` fractional bits, ``|z| = |x y|
+2^(2f)``: for ``f = 16`` the failure probability is ``|x y| * 2^-32`` per value, 2.3e-10 for
+``|x y| = 1`` and 2.3e-7 for ``|x y| = 1000``. Use the dealer's protocol (the default) when
+no failure is acceptable or with three or more parties.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from veil._errors import ProtocolError
 from veil.mpc import _runtime
 from veil.mpc._runtime import Context, exchange, material, opened
 from veil.mpc.encoding import wrap
@@ -113,6 +132,53 @@ def finish_share(i: int, c: torch.Tensor, row: torch.Tensor, bits: int) -> torch
     return torch.from_numpy(out).view(c.shape)
 
 
+def local_array(i: int, z: np.ndarray, bits: int) -> np.ndarray:
+    """Local truncation, party ``i``'s step (two parties; see the module doc): its share of
+    ``z / 2^bits``, from its share ``z`` (a new array)."""
+    z = np.asarray(z)
+    if i == 0:
+        return np.right_shift(z, bits, out=np.empty_like(z))
+    out = np.negative(z, out=np.empty_like(z))
+    out >>= bits
+    np.negative(out, out=out)
+    return out
+
+
+def _local_meta(
+    i: int, x: torch.Tensor, scale: int, bits: int, addend: Any = None, flip: bool = False
+) -> torch.Tensor:
+    shape = (x.shape[1], x.shape[0]) if flip else tuple(x.shape)
+    return torch.empty(shape, dtype=torch.int64, device="meta")
+
+
+@remote_function("mpc.trunc_local", meta=_local_meta)
+def trunc_local(
+    i: int,
+    x: torch.Tensor,
+    scale: int,
+    bits: int,
+    addend: torch.Tensor | None = None,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Party step of local truncation: this party's share of ``x * scale / 2^bits`` (plus its
+    share of ``addend``), transposed first if ``flip`` (a lazily transposed 2-D ``x``).
+
+    Raises:
+        veil.ProtocolError: a party index other than 0 or 1, or ``bits`` outside 1..63.
+    """
+    if i not in (0, 1) or type(i) is not int:
+        raise ProtocolError(f"local truncation has parties 0 and 1, got {i!r}")
+    if type(bits) is not int or not 0 < bits < 64:
+        raise ProtocolError(f"truncation bits must be in 1..63, got {bits!r}")
+    z = x.contiguous().numpy()
+    if scale != 1:
+        z = z * scale
+    out = torch.from_numpy(local_array(i, z, bits)).view(x.shape)
+    if flip:
+        out = out.t()
+    return out if addend is None else out + addend
+
+
 @remote_function("mpc.trunc_mask", meta=_mask_meta)
 def trunc_mask(
     i: int, x: torch.Tensor, scale: int, row: torch.Tensor, bits: int
@@ -160,7 +226,11 @@ def finish(
 def truncate(
     ctx: Context, shares: list[Any], bits: int, scale: int = 1, add: list[Any] | None = None
 ) -> list[Any]:
-    """Shares of ``x * scale / 2^bits`` rounded stochastically (see module doc); one round."""
+    """Shares of ``x * scale / 2^bits`` rounded stochastically (see module doc); one round,
+    or none with local truncation (``ctx.truncation == "local"``)."""
+    if ctx.truncation == "local":
+        add = add or [None] * ctx.n
+        return [trunc_local(i, shares[i], scale, bits, add[i]) for i in range(ctx.n)]
     shape = tuple(shares[0].shape)
     lay = trunc_layout(shape)
     bundles = material(ctx, "truncation", deal_trunc, (shape, bits), lay.total)
@@ -172,9 +242,11 @@ __all__ = [
     "OFFSET_BITS",
     "finish",
     "finish_share",
+    "local_array",
     "mask_share",
     "offset",
     "trunc_finish",
+    "trunc_local",
     "trunc_mask",
     "truncate",
 ]
