@@ -145,9 +145,11 @@ def test_secret_sharing_over_network_workers(pair):
         assert abs(got.item() - (x * x + x).sum().item()) < 1e-3
 
 
-def test_secure_training_step_over_network_workers(pair):
+@pytest.mark.parametrize("truncation", ["dealer", "local"])
+def test_secure_training_step_over_network_workers(pair, truncation):
     """Secret-shared data and model on three worker processes: forward with a secure ReLU,
-    backward, an SGD step; the revealed weights match the same step in plaintext."""
+    backward, an SGD step; the revealed weights match the same step in plaintext, with
+    either truncation protocol."""
     pytest.importorskip("veil.mpc")
     from torch import nn
 
@@ -162,12 +164,14 @@ def test_secure_training_step_over_network_workers(pair):
         connect(b.url, token=b.token, timeout=30) as bob,
         connect(c.url, token=c.token, timeout=30) as carol,
     ):
-        secure = model.fix_precision().share(alice, bob, crypto_provider=carol)
+        kw = {"crypto_provider": carol, "truncation": truncation}
+        secure = model.fix_precision().share(alice, bob, **kw)
         from veil.mpc import _runtime
 
-        assert _runtime.context((alice, bob), carol).seeded  # alice gets seeds, not bundles
-        xs = x.fix_precision().share(alice, bob, crypto_provider=carol)
-        ys = y.fix_precision().share(alice, bob, crypto_provider=carol)
+        # alice gets seeds, not bundles
+        assert _runtime.context((alice, bob), carol, truncation).seeded
+        xs = x.fix_precision().share(alice, bob, **kw)
+        ys = y.fix_precision().share(alice, bob, **kw)
         loss = _two_sgd_steps(secure, xs, ys)
         got = [p.get().float_precision() for p in secure.parameters()]
         secure_loss = loss.get().float_precision().item()
