@@ -40,23 +40,31 @@ def test_every_row_is_a_beaver_triple(kind, sx, sy, params, trunc):
 
 
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("numel", [1, 31, 33, 100])
+@pytest.mark.parametrize("numel", [1, 31, 33, 100, provider.FUSED_MAX + 1])
 def test_every_row_is_comparison_material(numel, relu):
     lay = sign_layout(numel, relu)
+    fuse = provider.fused(numel)
+    assert fuse == (numel <= provider.FUSED_MAX)
     for row in dealer_values(provider.deal_sign(numel, relu, 2, 3), lay.arith_len):
         p = lay.unpack(row)
         r = p["r"]
         assert torch.equal(p["R"], (r >> 62) & 3) and torch.equal(p["msb"], (r >> 63) & 1)
-        rho = p["rho_a"]
-        assert set(rho.tolist()) <= {0, 1}
+        bits = ("ga", "gb", "gg") if fuse else ("rho_a",)
+        for name in bits:
+            assert set(p[name].tolist()) <= {0, 1}
+        if fuse:
+            assert torch.equal(p["gab"], p["ga"] * p["gb"])
+            bits += ("gab",)
         if relu:
-            for name, v in (("alpha_R", p["R"]), ("alpha_msb", p["msb"]), ("alpha_rho", rho)):
-                assert torch.equal(p[name], p["alpha"] * v)
+            for name in ("R", "msb", *bits):
+                assert torch.equal(p[provider.alpha_name(name)], p["alpha"] * p[name])
         rp = p["rp"]
         assert torch.equal(rp[:numel], r & ((1 << 62) - 1)) and int((rp >> 62).abs().sum()) == 0
         assert torch.equal(p["m"], rp & (rp >> 1))
-        for level in range(1, AND_LEVELS + 1):
+        for level in range(1, AND_LEVELS if fuse else AND_LEVELS + 1):
             assert torch.equal(p[f"c{level}"], p[f"b{level}"] & p[f"a{level}"])
-        bits = torch.zeros(provider.packed_len(numel), dtype=torch.int64)
-        bits[:numel] = rho
-        assert torch.equal(p["rho_x"], provider.pack_bits(bits))
+        packed = (("ga", "la"), ("gb", "lb"), ("gg", "lg")) if fuse else (("rho_a", "rho_x"),)
+        for src, dst in packed:
+            lanes = torch.zeros(provider.packed_len(numel), dtype=torch.int64)
+            lanes[:numel] = p[src]
+            assert torch.equal(p[dst], provider.pack_bits(lanes))

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from veil.mpc import _runtime, sharing
 from veil.mpc._random import random_int64
 from veil.mpc.protocols import beaver_product, sign, truncate
+from veil.mpc.provider import FUSED_MAX
 
 PARTIES = [2, 3, 5]
 
@@ -94,6 +95,22 @@ def test_sign_of_many_values_any_shape():
     x = random_int64((7, 11, 13)) >> 2  # |x| < 2^62
     ctx = ctx_of(2)
     assert torch.equal(rec(sign(ctx, split(x, 2))), (x >= 0).long())
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("numel", [FUSED_MAX, FUSED_MAX + 1])
+def test_sign_and_relu_on_both_sides_of_the_fused_limit(n, numel):
+    # up to FUSED_MAX values the last tree level opens into arithmetic shares (6 rounds),
+    # above it the final bit is converted in a round of its own (7 rounds)
+    x = random_int64((numel,)) >> 2
+    x[: len(EDGES)] = torch.tensor(EDGES)
+    ctx = ctx_of(n)
+    _runtime.STATS.reset()
+    s, r = sign(ctx, split(x, n), relu=True)
+    assert _runtime.STATS.rounds == (6 if numel <= FUSED_MAX else 7)
+    assert torch.equal(rec(s), (x >= 0).long())
+    assert torch.equal(rec(r), torch.relu(x))
+    assert torch.equal(rec(sign(ctx, split(x, n))), (x >= 0).long())
 
 
 def test_stats_count_rounds_and_bytes():

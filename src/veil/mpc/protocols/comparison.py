@@ -27,14 +27,26 @@ Protocol ``sign(x)`` for ``|x| < 2^62`` (ring units), giving shares of ``[x >= 0
    packed like the last level), the parties open ``e = b ^ rho`` (the 32 result lanes of
    each word only) and take ``[b] = e + [rho] - 2e[rho]``.
 
+   For at most :data:`~veil.mpc.provider.FUSED_MAX` values this round is merged with the
+   last AND (``b = G_hi ^ (P_hi & G_lo)``). ``G_hi`` ("decided in the high half") and
+   ``P_hi`` ("equal in the high half") exclude each other, so as integers
+   ``b = G_hi + P_hi * G_lo``. The provider deals three random bits ``la``, ``lb``, ``lg``
+   per value in both forms, and the arithmetic product ``la * lb``. The parties open
+   ``d = P_hi ^ la``, ``e = G_lo ^ lb`` and ``h = G_hi ^ lg`` in one round (the 32 value
+   lanes of each word only) and, writing each bit ``u ^ v`` as ``u + (1 - 2u) v``, take
+   ``[b] = h + de + (1 - 2h)[lg] + d(1 - 2e)[lb] + e(1 - 2d)[la]
+   + (1 - 2d)(1 - 2e)[la lb]``, which is local. Larger batches keep the separate round:
+   there the four arithmetic bits (eight for ReLU) cost more than the round saves.
+
 ``relu(x) = x * [x >= 0]`` costs no extra round: in step 1 the parties also open
 ``eps = x - alpha`` for a dealer mask ``alpha``; the provider also dealt ``alpha * R``,
-``alpha * msb(r)`` and ``alpha * rho``, so every product of ``x`` with a dealer value is
-``eps * v + alpha * v``, and the products with public values are local.
+``alpha * msb(r)`` and ``alpha`` times each dealt bit of step 4, so every product of ``x``
+with a dealer value is ``eps * v + alpha * v``, and the products with public values are
+local.
 
-Exact (no approximation, no failure probability) for ``|x| < 2^62``. Seven rounds. The
-provider sees nothing; the parties see only uniformly masked values. Security model: see
-:mod:`veil.mpc.provider`.
+Exact (no approximation, no failure probability) for ``|x| < 2^62``. Six rounds up to
+``FUSED_MAX`` values, seven above. The provider sees nothing; the parties see only
+uniformly masked values. Security model: see :mod:`veil.mpc.provider`.
 """
 
 from __future__ import annotations
@@ -45,7 +57,15 @@ import numpy as np
 import torch
 
 from veil.mpc._runtime import Context, exchange, material
-from veil.mpc.provider import AND_LEVELS, PACK, deal_sign, packed_len, sign_layout
+from veil.mpc.provider import (
+    AND_LEVELS,
+    PACK,
+    alpha_name,
+    deal_sign,
+    fused,
+    packed_len,
+    sign_layout,
+)
 from veil.pointers import remote_function
 
 _LOW62 = (1 << 62) - 1
@@ -101,6 +121,18 @@ def _and_masks(p: dict[str, np.ndarray], level: int, gp: np.ndarray) -> tuple[An
     np.bitwise_xor(gp[:rows], b, out=msg[1:])
     msg = msg.reshape(-1)
     return torch.from_numpy(np.concatenate((hi[0], msg))), torch.from_numpy(msg)
+
+
+def _last_masks(p: dict[str, np.ndarray], gp: np.ndarray) -> torch.Tensor:
+    """The fused last level's message (see the module doc): ``P_hi ^ la``, ``G_lo ^ lb``
+    and ``G_hi ^ lg``, the 32 value lanes of each packed word only."""
+    hi = gp >> (1 << AND_LEVELS)
+    msg = np.empty((3, gp.shape[1]), dtype=np.int64)
+    np.bitwise_xor(hi[1], p["la"], out=msg[0])
+    np.bitwise_xor(gp[0], p["lb"], out=msg[1])
+    np.bitwise_xor(hi[0], p["lg"], out=msg[2])
+    msg &= _LOW32
+    return torch.from_numpy(msg.reshape(-1))
 
 
 def _and_finish(
@@ -201,6 +233,8 @@ def _level_meta(
     *parts: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     w = packed_len(numel) >> level
+    if level == AND_LEVELS and fused(numel):
+        return _meta(3 * w), _meta(3 * w)
     m = (3 if level < AND_LEVELS else 2) * w
     return _meta(w + m), _meta(m)
 
@@ -210,10 +244,14 @@ def sign_tree_level(
     i: int, level: int, keep: torch.Tensor, row: torch.Tensor, numel: int, relu: bool,
     *parts: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 3..: finish the AND of ``level - 1`` and mask the AND of ``level``; returns
-    what the party keeps and the message it sends."""
+    """Steps 3..: finish the AND of ``level - 1`` and mask the AND of ``level`` (or, at a
+    fused last level, its three inputs); returns what the party keeps and the message it
+    sends."""
     p = sign_layout(numel, relu).arrays(row)
     z = _and_finish(i, p, level - 1, keep, parts)
+    if level == AND_LEVELS and fused(numel):
+        msg = _last_masks(p, _pack(z, level))
+        return msg, msg
     return _and_masks(p, level, _pack(z, level))
 
 
@@ -259,28 +297,40 @@ def sign_finish(
     relu: bool,
     *parts: torch.Tensor,
 ) -> Any:
-    """Last step: shares of ``[x >= 0]`` (and of ``relu(x)``), shaped like ``x``."""
+    """Last step: shares of ``[x >= 0]`` (and of ``relu(x)``), shaped like ``x``.
+
+    ``msg``: what the party sent last (``b ^ rho``, or the fused last level's message)."""
     numel = x.numel()
     p = sign_layout(numel, relu).arrays(row)
-    # The opened b ^ rho, unpacked (value 32k + s at bit s of word k: provider.pack_bits).
-    e = ((_opened(msg, parts, True)[:, None] >> _LANES) & 1).reshape(-1)[:numel]
+    # The opened bits, unpacked (value 32k + s at bit s of word k: provider.pack_bits).
+    words = _opened(msg, parts, True).reshape(-1, packed_len(numel) // PACK)
+    bits = ((words[:, :, None] >> _LANES) & 1).reshape(words.shape[0], -1)[:, :numel]
+    # b = pub + sum(k_v * v) over dealt bits v: a public part and public coefficients
+    if fused(numel):
+        d, e, h = bits  # P_hi ^ la, G_lo ^ lb, G_hi ^ lg
+        nd, ne = 1 - 2 * d, 1 - 2 * e
+        pub_b = h + d * e  # b = G_hi + P_hi G_lo, each bit (u ^ v) = u + (1 - 2u) v
+        terms = (("gg", 1 - 2 * h), ("gb", d * ne), ("ga", e * nd), ("gab", nd * ne))
+    else:
+        (e,) = bits  # b ^ rho
+        pub_b = e
+        terms = (("rho_a", 1 - 2 * e),)
     pub = public.numpy()
     c = pub[:numel]
     w4 = (c >= 0).astype(np.int64) << 2  # 4 * [c < 2^63 as an unsigned number]
-    ce = (c >> 62) & 3  # public C - e
-    ce -= e
-    big_r, msb, rho = p["R"], p["msb"], p["rho_a"]
-    flip = e * -2
-    flip += 1  # 1 - 2e
+    ce = (c >> 62) & 3  # public C - pub_b
+    ce -= pub_b
+    big_r, msb = p["R"], p["msb"]
     s = w4 * msb
     s -= big_r
-    s -= rho * flip
+    for name, k in terms:
+        s -= k * p[name]
     if i == 0:
         s += ce
     shape = x.shape
     if not relu:
         return torch.from_numpy(s).view(shape)
-    # relu(x) = (C - e) x - x R + 4 w x msb - (1 - 2e) x rho, each product x * v with a
+    # relu(x) = (C - pub_b) x - x R + 4 w x msb - sum(k_v x v), each product x * v with a
     # dealer value v as eps * v + [alpha * v].
     eps = pub[numel:]
     y = ce * x.reshape(-1).numpy()
@@ -291,10 +341,11 @@ def sign_finish(
     t = eps * big_r
     t += p["alpha_R"]
     y -= t
-    t = eps * rho
-    t += p["alpha_rho"]
-    t *= flip
-    y -= t
+    for name, k in terms:
+        t = eps * p[name]
+        t += p[alpha_name(name)]
+        t *= k
+        y -= t
     return torch.from_numpy(s).view(shape), torch.from_numpy(y).view(shape)
 
 
@@ -320,10 +371,14 @@ def sign(ctx: Context, xs: list[Any], relu: bool = False) -> Any:
         ]
         keep = [s[0] for s in steps]
         parts = exchange(ctx, [s[1] for s in steps], xor=True)
-    steps = [sign_to_arith(i, keep[i], bundles[i], numel, relu, *parts[i]) for i in range(n)]
-    parts = exchange(ctx, [s[1] for s in steps], xor=True)
+    if not fused(numel):
+        steps = [
+            sign_to_arith(i, keep[i], bundles[i], numel, relu, *parts[i]) for i in range(n)
+        ]
+        parts = exchange(ctx, [s[1] for s in steps], xor=True)
+        keep = [s[0] for s in steps]
     outs = [
-        sign_finish(i, xs[i], public[i], steps[i][0], bundles[i], relu, *parts[i])
+        sign_finish(i, xs[i], public[i], keep[i], bundles[i], relu, *parts[i])
         for i in range(n)
     ]
     if not relu:
