@@ -20,7 +20,8 @@ veil defers products and truncations until their results are needed and then run
 queued ones together (``veil.mpc.protocols.batch``); the timings force every result
 they time, and a training step's last queue runs at the next step's first product.
 Every timing is a median over repeats, taken after warm-up (veil's dealer pools and shape
-caches filled; the pools' refills stay inside the timed loops). Rounds and bytes are per
+caches filled; the pools' refills stay inside the timed loops, and matmuls are timed four
+at a time so that each sample covers whole refill cycles). Rounds and bytes are per
 batch or per operation: veil counts openings among parties (rounds), bytes moved between
 parties (online) and bytes dealt by the provider (offline); CrypTen counts its own
 communication (its trusted first party deals nothing). Also printed: the ring matmul paths
@@ -150,6 +151,11 @@ def comm(fn: Callable[[], Any], per: int = 1) -> dict[str, float]:
 
 # ---------------------------------------------------------------------- veil
 
+#: Products timed together: the dealer's pool deals one or two 256^3 triples per request (it
+#: holds at most 4 MB), so a single product's time depends on whether it refilled the pool;
+#: four in a row cover whole refill cycles.
+POOL_CYCLE = 4
+
 #: Result keys of the runs with local truncation (``share(..., truncation="local")``).
 _SUFFIX = {"dealer": "", "local": "_local"}
 
@@ -200,15 +206,15 @@ def bench_veil(repeats: int) -> dict[str, Any]:
         a = _share(alice, bob, carol, mode, torch.randn(256, 256))
         b = _share(alice, bob, carol, mode, torch.randn(256, 256))
 
-        def product(a: Any = a, b: Any = b) -> Any:
-            return (a @ b).child.shares  # products are deferred: run it now
+        def products(a: Any = a, b: Any = b) -> None:
+            for _ in range(POOL_CYCLE):
+                (a @ b).child.shares  # noqa: B018 (products are deferred: run it now)
 
-        for _ in range(3):
-            product()
+        products()
         out["matmul" + _SUFFIX[mode]] = {
-            "veil": median_time(product, repeats),
-            "comm": comm(product),
-            "party": per_party_time(product, repeats, [alice, bob], carol),
+            "veil": median_time(products, repeats, POOL_CYCLE),
+            "comm": comm(products, POOL_CYCLE),
+            "party": per_party_time(products, repeats, [alice, bob], carol, POOL_CYCLE),
         }
     v = torch.randn(100_000).fix_precision().share(alice, bob, crypto_provider=carol)
     for _ in range(2):
@@ -257,17 +263,18 @@ def bench_network(repeats: int) -> dict[str, Any]:
 
             a, b = share(torch.randn(256, 256)), share(torch.randn(256, 256))
 
-            def product(a: Any = a, b: Any = b) -> None:
-                (a @ b).child.shares  # noqa: B018 (forces the deferred product)
+            def products(a: Any = a, b: Any = b) -> None:
+                for _ in range(POOL_CYCLE):
+                    (a @ b).child.shares  # noqa: B018 (forces the deferred product)
                 done()
 
             for _ in range(3):
                 step()
-                product()
+            products()
             out["mlp8" + suffix] = median_time(step, repeats * 2)
-            out["matmul" + suffix] = median_time(product, repeats * 2)
+            out["matmul" + suffix] = median_time(products, repeats, POOL_CYCLE)
             out[f"mlp8{suffix}_comm"] = comm(lambda step=step: [step() for _ in range(40)], 40)
-            out[f"matmul{suffix}_comm"] = comm(product)
+            out[f"matmul{suffix}_comm"] = comm(products, POOL_CYCLE)
         return out
 
 
