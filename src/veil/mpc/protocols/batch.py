@@ -30,8 +30,12 @@ a truncation pair if it truncates; a truncation pair), drawn when it was queued:
 
 So ``k`` operations cost two rounds (one if no product truncates) and two or three
 commands and one or two moves per party, instead of up to ``2k`` rounds and ``3k``
-commands. The results are those of the individual protocols (:mod:`.beaver`,
-:mod:`.truncation`): exact products; truncations within one unit of the last place.
+commands. With local truncation (two parties, ``ctx.truncation == "local"``; see
+:mod:`.truncation`) a truncating product finishes in step 2 and a truncation sends nothing
+and finishes in step 2 too: a batch of products takes one round, and a batch of
+truncations alone one command per party and no exchange. The results are those of the
+individual protocols (:mod:`.beaver`, :mod:`.truncation`): exact products; truncations
+within one unit of the last place (local ones unless they fail, as stated there).
 Nobody sees more than before: the provider never sees inputs, parties see only masked
 values, and the orchestrator only routes messages.
 """
