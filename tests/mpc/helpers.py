@@ -28,8 +28,10 @@ def worker_parties(
     return parties, veil.VirtualWorker("provider", serialize=serialize)
 
 
-def shared(x: torch.Tensor, parties: tuple, provider) -> veil.mpc.FixedPrecisionTensor:
-    return x.fix_precision().share(*parties, crypto_provider=provider)
+def shared(
+    x: torch.Tensor, parties: tuple, provider, truncation: str = "dealer"
+) -> veil.mpc.FixedPrecisionTensor:
+    return x.fix_precision().share(*parties, crypto_provider=provider, truncation=truncation)
 
 
 def reveal(x: veil.mpc.FixedPrecisionTensor) -> torch.Tensor:

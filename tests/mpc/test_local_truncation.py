@@ -19,20 +19,13 @@ from veil.mpc import _runtime, sharing
 from veil.mpc._random import random_int64
 from veil.mpc.protocols import beaver_product, truncate
 from veil.mpc.protocols.truncation import local_array
+from veil.mpc.sharing import reconstruct as rec
 
-from .helpers import ULP, reveal, tensors, worker_parties
+from .helpers import ULP, reveal, shared, tensors, worker_parties
 
 
 def local_ctx():
     return _runtime.context(["p0", "p1"], "dealer", truncation="local")
-
-
-def rec(shares) -> torch.Tensor:
-    return sharing.reconstruct(shares)
-
-
-def share_local(x: torch.Tensor, parties, provider):
-    return x.fix_precision().share(*parties, crypto_provider=provider, truncation="local")
 
 
 @settings(max_examples=25)
@@ -93,7 +86,7 @@ def test_fixed_point_ops_match_plaintext(data, shape):
     x = data.draw(tensors(shape, 10.0))
     y = data.draw(tensors(shape, 10.0))
     w = data.draw(tensors((shape[-1], 3), 10.0))
-    sx, sy, sw = (share_local(t, parties, provider) for t in (x, y, w))
+    sx, sy, sw = (shared(t, parties, provider, "local") for t in (x, y, w))
     x64, y64, w64 = x.double(), y.double(), w.double()
     # products truncate once, within one unit; the tolerances allow for the inputs' rounding
     assert torch.allclose(reveal(sx * sy), x64 * y64, atol=4 * ULP)
@@ -135,7 +128,7 @@ def test_training_with_local_truncation_matches_plaintext():
     secure = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
     secure.load_state_dict(plain.state_dict())
     secure.fix_precision().share(*parties, crypto_provider=provider, truncation="local")
-    sx, sy = share_local(x, parties, provider), share_local(y, parties, provider)
+    sx, sy = (shared(t, parties, provider, "local") for t in (x, y))
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (plain, secure)]
     for _ in range(5):
         for model, opt, (xb, yb) in zip((plain, secure), opts, ((x, y), (sx, sy))):

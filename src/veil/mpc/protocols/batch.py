@@ -316,7 +316,7 @@ def batch_open(
         if st.product:
             z = beaver.product_share(i, piece, row, st.lay, st.kind, st.sx, st.sy, st.params)
             if st.bits:  # local truncation
-                z = torch.from_numpy(truncation.local_array(i, z.numpy(), st.bits)).view(z.shape)
+                z = truncation.local_share(i, z, st.bits)
             if st.trunc:
                 # z_i + r_i (+ the offset on party 0): the second message
                 m = z.numel()
@@ -328,10 +328,7 @@ def batch_open(
                 continue
             add = items[st.arg + 3]
         elif st.local:
-            x = items[st.arg].numpy()
-            z = torch.from_numpy(
-                truncation.local_array(i, x * st.scale if st.scale != 1 else x, st.bits)
-            ).view(st.shape)
+            z = truncation.local_share(i, items[st.arg], st.bits, st.scale)
             if st.flip:
                 z = z.t()
             add = items[st.arg + 2]

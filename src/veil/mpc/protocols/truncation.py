@@ -144,11 +144,19 @@ def local_array(i: int, z: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def local_share(i: int, x: torch.Tensor, bits: int, scale: int = 1) -> torch.Tensor:
+    """:func:`local_array` on a party's int64 share tensor: its share of
+    ``x * scale / 2^bits`` (a new tensor shaped like ``x``)."""
+    z = x.numpy()
+    if scale != 1:
+        z = z * scale
+    return torch.from_numpy(local_array(i, z, bits))
+
+
 def _local_meta(
-    i: int, x: torch.Tensor, scale: int, bits: int, addend: Any = None, flip: bool = False
+    i: int, x: torch.Tensor, scale: int, bits: int, addend: Any = None
 ) -> torch.Tensor:
-    shape = (x.shape[1], x.shape[0]) if flip else tuple(x.shape)
-    return torch.empty(shape, dtype=torch.int64, device="meta")
+    return torch.empty(x.shape, dtype=torch.int64, device="meta")
 
 
 @remote_function("mpc.trunc_local", meta=_local_meta)
@@ -158,10 +166,9 @@ def trunc_local(
     scale: int,
     bits: int,
     addend: torch.Tensor | None = None,
-    flip: bool = False,
 ) -> torch.Tensor:
     """Party step of local truncation: this party's share of ``x * scale / 2^bits`` (plus its
-    share of ``addend``), transposed first if ``flip`` (a lazily transposed 2-D ``x``).
+    share of ``addend``).
 
     Raises:
         veil.ProtocolError: a party index other than 0 or 1, or ``bits`` outside 1..63.
@@ -170,12 +177,7 @@ def trunc_local(
         raise ProtocolError(f"local truncation has parties 0 and 1, got {i!r}")
     if type(bits) is not int or not 0 < bits < 64:
         raise ProtocolError(f"truncation bits must be in 1..63, got {bits!r}")
-    z = x.contiguous().numpy()
-    if scale != 1:
-        z = z * scale
-    out = torch.from_numpy(local_array(i, z, bits)).view(x.shape)
-    if flip:
-        out = out.t()
+    out = local_share(i, x, bits, scale)
     return out if addend is None else out + addend
 
 
@@ -243,6 +245,7 @@ __all__ = [
     "finish",
     "finish_share",
     "local_array",
+    "local_share",
     "mask_share",
     "offset",
     "trunc_finish",
