@@ -80,6 +80,63 @@ def test_matmul_mm_addmm(m, k, n, data):
         assert torch.allclose(value(ww.t() @ a.t()), ref.t(), atol=tol)
 
 
+#: ``torch.matmul`` shape pairs that its decomposition routes through in-place squeezes
+#: (vector @ matrix) or through views of expanded operands (batch broadcasting).
+MATMUL_SHAPES = [
+    ((4,), (4, 3)),
+    ((3, 4), (4,)),
+    ((4,), (4,)),
+    ((2, 3, 4), (4,)),
+    ((4,), (2, 4, 3)),
+    ((1, 4), (2, 4, 3)),
+    ((2, 5, 4), (1, 4, 3)),
+    ((3, 2, 5, 4), (2, 4, 3)),
+    ((2, 1, 5, 4), (3, 4, 2)),
+]
+
+
+@settings(max_examples=20)
+@given(st.sampled_from(MATMUL_SHAPES), st.data())
+def test_matmul_vectors_and_broadcast_batches(shapes, data):
+    x = data.draw(tensors(shapes[0], 10.0))
+    w = data.draw(tensors(shapes[1], 10.0))
+    ref = x.double() @ w.double()
+    tol = (shapes[0][-1] + 2) * ULP
+    for a, ww in zip(both(x), both(w)):
+        out = a @ ww
+        assert out.shape == ref.shape
+        assert torch.allclose(value(out), ref, atol=tol)
+        assert torch.allclose(value(a @ w), ref, atol=tol)
+        assert torch.allclose(value(torch.matmul(x, ww)), ref, atol=tol)
+
+
+def test_vector_matrix_gradients_match_plaintext():
+    x = torch.tensor([0.5, -1.0, 2.0])
+    w = torch.tensor([[1.0, -0.5], [0.25, 2.0], [-1.5, 0.75]])
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (xr @ wr).sum().backward()
+    for a, ww in zip(both(x), both(w)):
+        a.requires_grad_()
+        ww.requires_grad_()
+        (a @ ww).sum().backward()
+        assert torch.allclose(value(a.grad), xr.grad.double(), atol=4 * ULP)
+        assert torch.allclose(value(ww.grad), wr.grad.double(), atol=4 * ULP)
+
+
+def test_in_place_squeeze_and_unsqueeze_reshape_the_wrapper():
+    x = torch.tensor([[1.5, -2.0, 3.25]])
+    for a in both(x):
+        assert a.squeeze_(0).shape == (3,)
+        assert a.unsqueeze_(1).shape == (3, 1)
+        assert a.t_().shape == (1, 3)
+        assert a.transpose_(0, 1).shape == (3, 1)
+        assert torch.equal(value(a), x.double().t())
+    y = veil.mpc.share(torch.arange(6).view(1, 2, 3), *PARTIES, crypto_provider=PROVIDER)
+    y.squeeze_(0)
+    assert y.shape == (2, 3)
+    assert torch.equal(y.get(), torch.arange(6).view(2, 3))
+
+
 @settings(max_examples=20)
 @given(shaped_tensors(bound=1000.0), st.data())
 def test_sum_mean_over_dims(x, data):

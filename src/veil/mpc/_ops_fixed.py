@@ -247,6 +247,25 @@ implements(aten.squeeze.dims)(_shape_handler("squeeze.dims"))
 implements(aten.select.int)(_shape_handler("select"))
 
 
+def _inplace_shape_handler(name: str) -> Any:
+    """In-place view ops (``squeeze_``, ``unsqueeze_``, ``t_``, ``transpose_``), which torch
+    itself emits, for instance when it decomposes ``vector @ matrix``: the child takes the
+    out-of-place op and the wrapper's own sizes change to match."""
+
+    def handler(func: Any, args: Any, kwargs: Any) -> Any:
+        x = args[0]
+        x.child = V.shape_op(child_of(x), name, *args[1:], *kwargs.values())
+        x.__dict__.pop("cache", None)
+        V.restride(func, x, args[1:], kwargs)
+        return x
+
+    return handler
+
+
+for _name, _op in V.INPLACE_SHAPE_OPS:
+    implements(_op)(_inplace_shape_handler(_name))
+
+
 @implements(aten.slice.Tensor)
 def _slice(func: Any, args: Any, kwargs: Any) -> Any:
     x = args[0]

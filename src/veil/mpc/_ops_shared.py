@@ -162,6 +162,22 @@ implements(aten.squeeze.dim)(_shape_handler("squeeze.dim"))
 implements(aten.squeeze.dims)(_shape_handler("squeeze.dims"))
 
 
+def _inplace_shape_handler(name: str) -> Any:
+    """In-place view ops: every share takes the out-of-place op, the wrapper's sizes follow."""
+
+    def handler(func: Any, args: Any, kwargs: Any) -> Any:
+        x = args[0]
+        x.shares = V.shape_op(x, name, *args[1:], *kwargs.values()).shares
+        V.restride(func, x, args[1:], kwargs)
+        return x
+
+    return handler
+
+
+for _name, _op in V.INPLACE_SHAPE_OPS:
+    implements(_op)(_inplace_shape_handler(_name))
+
+
 @implements(aten.index.Tensor)
 def _index(func: Any, args: Any, kwargs: Any) -> Any:
     for ix in args[1]:

@@ -88,6 +88,28 @@ def shape_op(a: Any, name: str, *args: Any) -> Any:
     return LOCAL_OPS[name](a, *args)
 
 
+aten = torch.ops.aten
+
+#: In-place view ops of the wrappers and the out-of-place local op each one applies.
+INPLACE_SHAPE_OPS = (
+    ("squeeze", aten.squeeze_.default),
+    ("squeeze.dim", aten.squeeze_.dim),
+    ("squeeze.dims", aten.squeeze_.dims),
+    ("unsqueeze", aten.unsqueeze_.default),
+    ("t", aten.t_.default),
+    ("transpose", aten.transpose_.default),
+)
+
+
+def restride(func: Any, wrapper: torch.Tensor, args: Any, kwargs: Any) -> None:
+    """Apply the in-place view op ``func`` to ``wrapper``'s own sizes and strides only
+    (below the Python dispatch key: no data is touched, the wrapper has none)."""
+    from torch.utils._mode_utils import no_dispatch
+
+    with no_dispatch():
+        func(wrapper, *args, **kwargs)
+
+
 def cat(values: list[Any], name: str, dim: int) -> Any:
     """``cat`` or ``stack`` of ring values; public ones are shared trivially (party 0)."""
     shared = [v for v in values if type(v) is AST]

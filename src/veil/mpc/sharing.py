@@ -295,8 +295,11 @@ def fold_windows(
 
 #: The aten operations a party may apply to its own share (linear, data-independent).
 LOCAL_OPS: dict[str, Any] = {
-    "view": aten.view.default,
-    "_unsafe_view": aten._unsafe_view.default,
+    # A wrapper claims contiguous strides whatever its child's layout (an expanded or
+    # transposed share), so torch may ask for a view the child cannot give: reshape gives
+    # the same view when it exists and a copy otherwise.
+    "view": aten.reshape.default,
+    "_unsafe_view": aten.reshape.default,
     "reshape": aten.reshape.default,
     "t": aten.t.default,
     "transpose": aten.transpose.int,
