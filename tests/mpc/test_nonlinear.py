@@ -65,13 +65,47 @@ def test_max_and_argmax_over_a_dim(x, data):
     assert torch.allclose(
         reveal(a.amax(dim, keepdim=True)), x.amax(dim, keepdim=True).double(), atol=ULP
     )
+    values, indices = torch.min(a, dim)
+    ref_v, ref_i = torch.min(x, dim)
+    assert torch.allclose(reveal(values), ref_v.double(), atol=ULP)
+    assert torch.equal(indices.get().float_precision(), ref_i)
+    assert torch.equal(torch.argmin(a, dim).get().float_precision(), torch.argmin(x, dim))
+    assert torch.allclose(reveal(a.min()), x.min().double(), atol=ULP)
+    assert torch.allclose(reveal(a.amin(dim)), x.amin(dim).double(), atol=ULP)
 
 
-@pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 1), (2, 1)])
-def test_max_pool2d(kernel, stride):
-    x = torch.randn(2, 3, 7, 6) * 10
-    got = reveal(F.max_pool2d(sh(x), kernel, stride))
-    assert torch.allclose(got, F.max_pool2d(x, kernel, stride).double(), atol=ULP)
+@pytest.mark.parametrize(
+    "kernel,stride,padding,ceil_mode",
+    [
+        (2, 2, 0, False),
+        (3, 1, 0, False),
+        (2, 1, 0, False),
+        (3, 2, 1, False),  # ResNet's stem
+        (3, 2, 1, True),
+        (2, 2, 0, True),
+        ((3, 2), (2, 1), (1, 1), True),
+    ],
+)
+def test_max_pool2d_and_its_gradient(kernel, stride, padding, ceil_mode):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 7, 6) * 10).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    ref = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
+    got = F.max_pool2d(a, kernel, stride, padding, ceil_mode=ceil_mode)
+    assert got.shape == ref.shape
+    assert torch.allclose(reveal(got), ref.double(), atol=ULP)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=2 * ULP)
+
+
+def test_max_pool2d_padding_is_never_the_maximum():
+    x = -torch.rand(1, 1, 4, 4) * 1e6 - 1e6  # all far below zero, the padding of plaintext
+    got = reveal(F.max_pool2d(sh(x), 3, 2, 1, ceil_mode=True))
+    assert torch.allclose(got, F.max_pool2d(x, 3, 2, 1, ceil_mode=True).double(), atol=ULP)
+    with pytest.raises(NotImplementedError, match="dilation"):
+        F.max_pool2d(sh(x), 2, dilation=2)
 
 
 def test_avg_pool2d():

@@ -16,7 +16,15 @@ Parties may also be plain names (``.share("p0", "p1", crypto_provider="dealer")`
 shares are then local tensors, an in-process simulation of the same protocols.
 """
 
-from veil.mpc import _methods, _ops_fixed, _ops_nn, _ops_shared, approximations, limbs
+from veil.mpc import (
+    _methods,
+    _ops_fixed,
+    _ops_nn,
+    _ops_shared,
+    _ops_stats,
+    approximations,
+    limbs,
+)
 from veil.mpc._module import (
     fix_precision_module,
     float_precision_module,
@@ -29,7 +37,7 @@ from veil.mpc.fixed import FixedPrecisionTensor, fix_precision
 from veil.mpc.sharing import AdditiveSharingTensor, reconstruct, refresh, share
 
 _methods.install()
-del _ops_fixed, _ops_nn, _ops_shared
+del _ops_fixed, _ops_nn, _ops_shared, _ops_stats
 
 
 def stats() -> Stats:
@@ -38,7 +46,13 @@ def stats() -> Stats:
 
 
 def supported_ops() -> dict[str, list[str]]:
-    """The aten operations each encoding implements."""
+    """The aten operations each encoding implements.
+
+    A FixedPrecisionTensor also runs any other op that torch decomposes into these
+    (``torch._decomp``: ``layer_norm``, ``batch_norm``, ``leaky_relu``, ``silu``, ``elu``,
+    ``hardswish``, ``smooth_l1_loss``, ...); an op whose decomposition needs a missing step
+    raises ``NotImplementedError`` naming both.
+    """
     from veil.mpc import fixed, sharing
 
     return {"FixedPrecisionTensor": fixed.OPS.names(), "AdditiveSharingTensor": sharing.OPS.names()}

@@ -130,6 +130,18 @@ def _to_copy(func: Any, args: Any, kwargs: Any) -> Any:
     raise NotImplementedError(f"{func} to {dtype} is not supported on a FixedPrecisionTensor")
 
 
+@implements(aten.to.dtype)
+def _to_dtype(func: Any, args: Any, kwargs: Any) -> Any:
+    """``x.to(dtype)``, which torch's decompositions call: a float dtype keeps the values."""
+    dtype = args[1] if len(args) > 1 else kwargs["dtype"]
+    return _to_copy(func, args[:1], {"dtype": dtype})
+
+
+@implements(aten.real)
+def _real(func: Any, args: Any, kwargs: Any) -> Any:
+    return args[0]  # fixed-point values are real
+
+
 def _like(
     x: FixedPrecisionTensor, value: float, kwargs: dict[str, Any], shape: Any = None
 ) -> FixedPrecisionTensor:
@@ -190,6 +202,13 @@ def _fill_(func: Any, args: Any, kwargs: Any) -> Any:
 @implements(aten.copy_)
 def _copy_(func: Any, args: Any, kwargs: Any) -> Any:
     dst, src = args[0], args[1]
+    if type(dst) is not FPT:
+        raise TypeError(
+            f"{func}: fixed-precision values cannot be written into a plain {dst.dtype} tensor "
+            f"of shape {tuple(dst.shape)} (for instance a plain module's buffer, such as "
+            "BatchNorm's running statistics, fed shared inputs: convert the module with "
+            ".fix_precision() and share it too)"
+        )
     c = _as_child(src, src.precision_bits if type(src) is FPT else None, dst.precision_bits)
     if tuple(c.shape) != tuple(dst.shape):
         c = V.shape_op(c, "expand", list(dst.shape))
@@ -245,6 +264,22 @@ implements(aten.squeeze.default)(_shape_handler("squeeze"))
 implements(aten.squeeze.dim)(_shape_handler("squeeze.dim"))
 implements(aten.squeeze.dims)(_shape_handler("squeeze.dims"))
 implements(aten.select.int)(_shape_handler("select"))
+implements(aten.cumsum.default)(_shape_handler("cumsum", drop=("dtype",)))
+
+
+@implements(aten.flatten.using_ints)
+def _flatten(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+    end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+    shape = list(x.shape)
+    if not shape:
+        return _shape_handler("reshape")(func, (x, [1]), {})
+    start, end = start % len(shape), end % len(shape)
+    size = 1
+    for d in shape[start : end + 1]:
+        size *= d
+    return _shape_handler("reshape")(func, (x, [*shape[:start], size, *shape[end + 1 :]]), {})
 
 
 def _inplace_shape_handler(name: str) -> Any:
@@ -620,9 +655,65 @@ for _cmp in ("ge", "gt", "le", "lt", "eq", "ne"):
     implements(getattr(aten, _cmp).Tensor, getattr(aten, _cmp).Scalar)(_make(_cmp))
 
 
-@implements(aten.where.self)
+def _bit(func: Any, x: Any) -> Any:
+    """The 0/1 ring value of a comparison result, a public bool tensor or a Python bool."""
+    if type(x) is FPT:
+        if x.dtype is not torch.bool:
+            raise NotImplementedError(
+                f"{func} on a FixedPrecisionTensor of dtype {x.dtype}: logical operations take "
+                "comparison results (dtype bool)"
+            )
+        return child_of(x)
+    if isinstance(x, bool):
+        return int(x)
+    if isinstance(x, torch.Tensor) and x.dtype is torch.bool:
+        return x.to(torch.int64)
+    raise NotImplementedError(f"{func} with a {type(x).__name__} operand of a bool tensor")
+
+
+def logical(func: Any, a: Any, b: Any, op: str) -> FixedPrecisionTensor:
+    """``a and b = ab``, ``a or b = a + b - ab``, ``a xor b = a + b - 2ab`` on 0/1 values:
+    one exact product (no truncation), shared when either operand is."""
+    x, y = _bit(func, a), _bit(func, b)
+    if isinstance(x, int):
+        x, y = y, x
+    both = V.mul_int(x, y) if isinstance(y, int) else V.product(x, y)
+    if op == "and":
+        return FPT(both, 0, torch.bool)
+    total = V.add(x, y) if not isinstance(y, int) else V.add(x, torch.tensor(y))
+    return FPT(V.sub(total, V.mul_int(both, 1 if op == "or" else 2)), 0, torch.bool)
+
+
+for _op, _packets in (
+    ("and", (aten.logical_and, aten.bitwise_and, aten.__and__)),
+    ("or", (aten.logical_or, aten.bitwise_or, aten.__or__)),
+    ("xor", (aten.logical_xor, aten.bitwise_xor, aten.__xor__)),
+):
+
+    def _make_logical(op: str) -> Any:
+        def handler(func: Any, args: Any, kwargs: Any) -> Any:
+            return logical(func, args[0], args[1], op)
+
+        return handler
+
+    implements(*_packets)(_make_logical(_op))
+
+
+@implements(aten.logical_not, aten.bitwise_not)
+def _logical_not(func: Any, args: Any, kwargs: Any) -> Any:
+    return FPT(V.sub(1, _bit(func, args[0])), 0, torch.bool)
+
+
+@implements(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
 def _where(func: Any, args: Any, kwargs: Any) -> Any:
     cond, x, y = args
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        shape = torch.broadcast_shapes(
+            *(t.shape for t in (cond, x, y) if isinstance(t, torch.Tensor))
+        )
+        x, y = (
+            t if isinstance(t, torch.Tensor) else torch.full(shape, float(t)) for t in (x, y)
+        )
     if type(x) is FPT or type(y) is FPT:
         cx, cy, f, dtype = fixed_pair(x, y)
     else:

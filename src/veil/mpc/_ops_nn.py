@@ -102,6 +102,19 @@ implements(aten.sqrt)(_unary(A.sqrt))
 implements(aten.rsqrt)(_unary(A.rsqrt))
 
 
+@implements(aten.expm1)
+def _expm1(func: Any, args: Any, kwargs: Any) -> Any:
+    """``exp(x) - 1`` (elu, celu): the accuracy of :func:`~veil.mpc.approximations.exp`."""
+    return _binary_add(A.exp(args[0]), 1.0, 1, True)
+
+
+@implements(aten.log1p)
+def _log1p(func: Any, args: Any, kwargs: Any) -> Any:
+    """``log(1 + x)`` (softplus, binary cross-entropy): that of
+    :func:`~veil.mpc.approximations.log` at ``1 + x``."""
+    return A.log(_binary_add(args[0], 1.0, 1, False))
+
+
 @implements(aten.sigmoid_backward)
 def _sigmoid_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, y = args[0], args[1]
@@ -372,9 +385,27 @@ class SecretIndices(torch.Tensor):
         return f"SecretIndices(shape={tuple(self.shape)})"
 
 
-def _windows(c: Any, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int]) -> Any:
-    if padding != (0, 0):
-        c = V.shape_op(c, "constant_pad_nd", [padding[1], padding[1], padding[0], padding[0]], 0)
+#: Ring value of the padding of a max pooling: below every value the comparisons order
+#: exactly (they need differences below 2^62, so inputs with ``|x| < 2^61`` ring units,
+#: ``2^45`` at 16 fractional bits), so a window's maximum is never padding.
+_POOL_PAD = -(1 << 61)
+
+
+def _pool_geometry(
+    size: int, k: int, stride: int, pad: int, ceil_mode: bool
+) -> tuple[int, int]:
+    """``(outputs, extra)`` along one axis: torch's output size, and the padding to add
+    after the input beyond ``pad`` so that every window lies inside the padded axis."""
+    span = size + 2 * pad - k
+    if span < 0:
+        raise ValueError(f"max pooling window {k} is larger than the padded input {size + 2 * pad}")
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1  # torch: the last window must start inside the input or the left padding
+    return out, max(0, (out - 1) * stride + k - (size + 2 * pad))
+
+
+def _windows(c: Any, kh: int, kw: int, stride: tuple[int, int]) -> Any:
     c = V.shape_op(c, "unfold", 2, kh, stride[0])
     c = V.shape_op(c, "unfold", 3, kw, stride[1])  # (N, C, Ho, Wo, kh, kw)
     n, ch, ho, wo = c.shape[:4]
@@ -383,19 +414,36 @@ def _windows(c: Any, kh: int, kw: int, stride: tuple[int, int], padding: tuple[i
 
 @implements(aten.max_pool2d_with_indices)
 def _max_pool2d(func: Any, args: Any, kwargs: Any) -> Any:
+    """Max pooling as a tournament over each window (:func:`approximations.max_with_onehot`).
+    Padding is a public ``-2^61`` (ring units), so values need ``|x| < 2^61`` units, the
+    comparisons' own range; ``ceil_mode`` pads the far side the same way."""
     x = args[0]
     kh, kw = _pair(args[1])
     stride = _pair(args[2]) if len(args) > 2 and args[2] else (kh, kw)
     padding = _pair(args[3]) if len(args) > 3 else (0, 0)
     dilation = _pair(args[4]) if len(args) > 4 else (1, 1)
     ceil_mode = args[5] if len(args) > 5 else False
-    if dilation != (1, 1) or ceil_mode or padding != (0, 0):
-        raise NotImplementedError(f"{func}: only padding 0, dilation 1 and floor mode")
-    win = FPT(_windows(child_of(x), kh, kw, stride, padding), x.precision_bits, x.dtype)
+    if dilation != (1, 1):
+        raise NotImplementedError(f"{func}: dilation {dilation} (only 1 is supported)")
+    if padding[0] * 2 > kh or padding[1] * 2 > kw:
+        raise ValueError(f"{func}: padding {padding} should be at most half the kernel size")
+    h, w = x.shape[-2:]
+    _, extra_h = _pool_geometry(h, kh, stride[0], padding[0], ceil_mode)
+    _, extra_w = _pool_geometry(w, kw, stride[1], padding[1], ceil_mode)
+    pads = [padding[1], padding[1] + extra_w, padding[0], padding[0] + extra_h]
+    c = child_of(x)
+    if any(pads):
+        c = V.shape_op(c, "constant_pad_nd", pads, 0)
+        border = torch.full(tuple(c.shape), _POOL_PAD, dtype=torch.int64)
+        border[..., padding[0] : padding[0] + h, padding[1] : padding[1] + w] = 0
+        c = V.add(c, border)
+    padded = tuple(c.shape)
+    win = FPT(_windows(c, kh, kw, stride), x.precision_bits, x.dtype)
     values, onehot = A.max_with_onehot(win, -1)
     values = V.shape_op(values, "squeeze.dim", -1)
     out = FPT(values, x.precision_bits, x.dtype)
-    return out, SecretIndices(out.shape, onehot, (kh, kw, stride, tuple(x.shape)))
+    info = (kh, kw, stride, padded, (padding[0], padding[1], h, w))
+    return out, SecretIndices(out.shape, onehot, info)
 
 
 @implements(aten.max_pool2d_with_indices_backward)
@@ -403,13 +451,13 @@ def _max_pool2d_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, indices = args[0], args[-1]
     if type(indices) is not SecretIndices:
         raise NotImplementedError(f"{func} without the indices of a secure max pooling")
-    kh, kw, stride, shape = indices.info
+    kh, kw, stride, padded, (top, left, h, w) = indices.info
     contrib = V.product(V.shape_op(child_of(grad), "unsqueeze", -1), indices.onehot)
-    return FPT(
-        V.shape_op(contrib, "fold_windows", kh, kw, list(stride), list(shape)),
-        grad.precision_bits,
-        grad.dtype,
-    )
+    out = V.shape_op(contrib, "fold_windows", kh, kw, list(stride), list(padded))
+    if tuple(padded[-2:]) != (h, w):
+        out = V.shape_op(out, "slice", -2, top, top + h, 1)
+        out = V.shape_op(out, "slice", -1, left, left + w, 1)
+    return FPT(out, grad.precision_bits, grad.dtype)
 
 
 # ---------------------------------------------------------------------- losses

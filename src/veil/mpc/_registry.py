@@ -3,7 +3,12 @@
 Each encoding (fixed precision, additive sharing) keeps one :class:`Registry`. A handler is
 registered for an overload packet (``aten.add``: every overload) or one overload
 (``aten.add.Tensor``); lookups are cached per overload, so a dispatch costs one dict access.
-Anything not registered raises ``NotImplementedError`` naming the aten op and the encoding.
+A registry made with ``decompose=True`` runs an unregistered op as torch's own
+decomposition of it (``torch._decomp``: ``var`` into sums and products, ``layer_norm`` into
+means and ``rsqrt``, ``leaky_relu`` into a comparison and a ``where``), whose steps dispatch
+back to the registered handlers; so every step is one of the encoding's protocols. Anything
+else raises ``NotImplementedError`` naming the aten op and the encoding (and, for a
+decomposition, the step that is missing).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ Handler = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
 class Registry:
     """aten op -> handler ``(func, args, kwargs) -> result`` for one encoding."""
 
-    __slots__ = ("layer", "table")
+    __slots__ = ("decompose", "layer", "table")
 
-    def __init__(self, layer: str) -> None:
+    def __init__(self, layer: str, *, decompose: bool = False) -> None:
         self.layer = layer
+        self.decompose = decompose
         self.table: dict[Any, Handler] = {}
 
     def implements(self, *ops: Any) -> Callable[[Handler], Handler]:
@@ -40,12 +46,39 @@ class Registry:
         handler = self.table.get(func)
         if handler is None:
             handler = self.table.get(getattr(func, "overloadpacket", None))
+            if handler is None and self.decompose:
+                handler = self._decomposition(func)
             if handler is None:
                 raise NotImplementedError(
                     f"{func} is not supported on a {self.layer} (veil.mpc); supported ops: "
                     "see veil.mpc.supported_ops()"
                 )
             self.table[func] = handler
+        return handler
+
+    def _decomposition(self, func: Any) -> Handler | None:
+        """A handler running torch's decomposition of ``func``, if torch has one."""
+        from torch._decomp import decomposition_table
+
+        decomposed = decomposition_table.get(func)
+        if decomposed is None:
+            return None
+        layer = self.layer
+
+        def handler(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            try:
+                out = decomposed(*args, **kwargs)
+            except NotImplementedError as e:
+                raise NotImplementedError(
+                    f"{func} runs on a {layer} as torch's decomposition of it, and a step of "
+                    f"that is not supported: {e}"
+                ) from e
+            if out is NotImplemented:
+                raise NotImplementedError(
+                    f"{func} is not supported on a {layer} (veil.mpc) with these arguments"
+                )
+            return out
+
         return handler
 
     def names(self) -> list[str]:

@@ -29,7 +29,7 @@ from veil.mpc.sharing import AdditiveSharingTensor
 from veil.pointers import PointerTensor, remote_function
 
 #: The aten-level operations of :class:`FixedPrecisionTensor`.
-OPS = Registry("FixedPrecisionTensor")
+OPS = Registry("FixedPrecisionTensor", decompose=True)
 
 
 class FixedPrecisionTensor(torch.Tensor):

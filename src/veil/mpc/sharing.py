@@ -320,6 +320,7 @@ LOCAL_OPS: dict[str, Any] = {
     "clone": aten.clone.default,
     "contiguous": aten.clone.default,
     "sum": aten.sum.dim_IntList,
+    "cumsum": aten.cumsum.default,
     "sum.default": aten.sum.default,
     "neg": aten.neg.default,
     "add": aten.add.Tensor,

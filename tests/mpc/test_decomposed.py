@@ -1,0 +1,185 @@
+"""Ops that run as torch's decompositions, variance and friends, and logical operations on
+comparison results: all against plaintext."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from tests.mpc.helpers import (
+    ULP,
+    local_parties,
+    reveal,
+    shaped_tensors,
+    shared,
+    worker_parties,
+)
+from veil.mpc._registry import Registry
+
+PARTIES, PROVIDER = local_parties(2)
+
+
+def sh(x: torch.Tensor):
+    return shared(x, PARTIES, PROVIDER)
+
+
+@settings(max_examples=25)
+@given(shaped_tensors(bound=10.0), st.data())
+def test_variance_over_dims_against_plaintext(x, data):
+    dim = data.draw(st.none() | st.integers(0, x.dim() - 1))
+    correction = data.draw(st.sampled_from([0, 1]))
+    keepdim = data.draw(st.booleans())
+    count = x.numel() if dim is None else x.shape[dim]
+    if count <= correction:
+        return
+    a = sh(x)
+    # Each squared deviation (|x - mean| <= 20) is within 2 * 20 * 2 + 1 units: 81 units.
+    tol = 200 * ULP
+    ref = torch.var(x.double(), dim, correction=correction, keepdim=keepdim)
+    got = torch.var(a, dim, correction=correction, keepdim=keepdim)
+    assert got.shape == ref.shape
+    assert torch.allclose(reveal(got), ref, atol=tol)
+    v, m = torch.var_mean(a, dim, correction=correction, keepdim=keepdim)
+    ref_v, ref_m = torch.var_mean(x.double(), dim, correction=correction, keepdim=keepdim)
+    assert torch.allclose(reveal(v), ref_v, atol=tol)
+    assert torch.allclose(reveal(m), ref_m, atol=ULP)
+
+
+def test_std_and_unbiased_overloads():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5) * 3  # variances well inside sqrt's domain [0.05, 150]
+    a = sh(x)
+    assert torch.allclose(reveal(a.std(0)), x.double().std(0), rtol=1e-3, atol=ULP)
+    assert torch.allclose(reveal(a.std()), x.double().std(), rtol=1e-3, atol=ULP)
+    assert torch.allclose(reveal(a.var(1, unbiased=False)), x.double().var(1, unbiased=False),
+                          atol=200 * ULP)
+    assert torch.allclose(reveal(a.var()), x.double().var(), atol=200 * ULP)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        sh(torch.ones(1, 3)).var(0)
+
+
+#: (name, function, absolute tolerance): each function applied to the same values in
+#: plaintext and shared. Tolerances: exact comparisons and linear ops are within a few
+#: units; sigmoid, exp, log and rsqrt carry their documented approximation errors.
+ACTIVATIONS = [
+    ("leaky_relu", lambda t: F.leaky_relu(t, 0.1), 4 * ULP),
+    ("hardtanh", F.hardtanh, ULP),
+    ("relu6", F.relu6, ULP),
+    ("hardswish", F.hardswish, 1e-3),
+    ("silu", F.silu, 1e-3),
+    ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"), 1e-3),
+    ("elu", F.elu, 1e-3),
+    ("softplus", F.softplus, 1e-3),
+    ("cumsum", lambda t: t.cumsum(1), 2 * ULP),
+    ("flatten", lambda t: t.flatten(), 0.0),
+    ("layer_norm", lambda t: F.layer_norm(t, (t.shape[-1],)), 2e-3),
+    ("min", lambda t: t.min(1).values, 0.0),
+]
+
+
+@pytest.mark.parametrize("name,fn,tol", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
+def test_decomposed_ops_against_plaintext(name, fn, tol):
+    torch.manual_seed(1)
+    x = torch.randn(6, 5) * 2
+    x = torch.round(x * 2**16) / 2**16
+    assert torch.allclose(reveal(fn(sh(x))), fn(x.double()), atol=tol), name
+
+
+def test_batch_norm_train_and_eval():
+    torch.manual_seed(0)
+    x = torch.randn(16, 4) * 2  # batch variances near 4: inside rsqrt's domain
+    bn = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    with pytest.raises(TypeError, match="running statistics"):
+        bn(sh(x))  # a plain module cannot keep shared running statistics
+    secure = copy.deepcopy(bn).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    assert torch.allclose(reveal(secure(sh(x))), bn(x).double(), atol=2e-3)
+    assert torch.allclose(reveal(secure.running_mean), bn.running_mean.double(), atol=4 * ULP)
+    assert torch.allclose(reveal(secure.running_var), bn.running_var.double(), atol=200 * ULP)
+    bn.eval()
+    secure.eval()
+    assert torch.allclose(reveal(secure(sh(x))), bn(x).double(), atol=2e-3)
+
+
+def test_losses_that_decompose():
+    torch.manual_seed(2)
+    x, y = torch.randn(10), torch.randn(10)
+    p, t = torch.sigmoid(x), (y > 0).float()
+    assert torch.allclose(
+        reveal(F.smooth_l1_loss(sh(x), sh(y))), F.smooth_l1_loss(x, y).double(), atol=1e-4
+    )
+    assert torch.allclose(
+        reveal(F.binary_cross_entropy(sh(p), sh(t))),
+        F.binary_cross_entropy(p, t).double(),
+        atol=1e-3,
+    )
+
+
+def test_training_through_decomposed_layers_matches_plaintext():
+    parties, provider = worker_parties(2)
+
+    def model() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(
+            nn.Linear(4, 6), nn.LayerNorm(6), nn.LeakyReLU(0.1), nn.Linear(6, 3), nn.SiLU(),
+            nn.Linear(3, 1),
+        )
+
+    torch.manual_seed(4)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    plain = model()
+    F.mse_loss(plain(x), y).backward()
+    secure = model().fix_precision().share(*parties, crypto_provider=provider)
+    F.mse_loss(secure(shared(x, parties, provider)), shared(y, parties, provider)).backward()
+    for p, q in zip(secure.parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(reveal(p.grad), q.grad.double(), atol=2e-3)
+
+
+@settings(max_examples=15)
+@given(shaped_tensors(bound=10.0))
+def test_logical_operations_on_comparison_results(x):
+    y = torch.flip(x, [0])
+    a, b = sh(x) > 0, sh(y) < 1
+    p, q = x > 0, y < 1
+    for got, ref in [
+        (a & b, p & q),
+        (a | b, p | q),
+        (a ^ b, p ^ q),
+        (~a, ~p),
+        (torch.logical_and(a, q), p & q),
+        (torch.logical_or(q, a), p | q),
+        (a ^ True, p ^ True),
+        (torch.logical_not(b), ~q),
+    ]:
+        out = got.get().float_precision()
+        assert out.dtype == torch.bool
+        assert torch.equal(out, ref)
+    assert torch.equal(
+        torch.where((a | b), sh(x), 0.0).get().float_precision().double(),
+        torch.where(p | q, x, 0.0).double(),
+    )
+
+
+def test_logical_operations_need_bool_operands():
+    with pytest.raises(NotImplementedError, match="comparison results"):
+        sh(torch.ones(3)) | sh(torch.ones(3))
+
+
+def test_an_unsupported_step_of_a_decomposition_names_both_ops():
+    with pytest.raises(NotImplementedError, match=r"aten\.gelu.*erf"):
+        F.gelu(sh(torch.ones(3)))
+
+
+def test_registry_without_decompositions_names_the_op():
+    reg = Registry("Thing")
+    with pytest.raises(NotImplementedError, match=r"aten\.var\.correction.*Thing"):
+        reg.lookup(torch.ops.aten.var.correction)
+    assert Registry("Thing", decompose=True).lookup(torch.ops.aten.var.correction) is not None
