@@ -183,3 +183,14 @@ def test_registry_without_decompositions_names_the_op():
     with pytest.raises(NotImplementedError, match=r"aten\.var\.correction.*Thing"):
         reg.lookup(torch.ops.aten.var.correction)
     assert Registry("Thing", decompose=True).lookup(torch.ops.aten.var.correction) is not None
+
+
+@pytest.mark.parametrize("make", [torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad])
+def test_adaptive_optimizers_fail_loudly(make):
+    # Their in-place steps (lerp_, addcmul_) are not run as decompositions: second moments
+    # underflow 16 fractional bits and leave sqrt's domain, so a run would be silently wrong.
+    model = nn.Linear(3, 1).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    opt = make(model.parameters(), lr=0.01)
+    model(sh(torch.randn(4, 3))).sum().backward()
+    with pytest.raises(NotImplementedError, match=r"aten\.(lerp_|addcmul_)"):
+        opt.step()

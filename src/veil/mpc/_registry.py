@@ -3,7 +3,7 @@
 Each encoding (fixed precision, additive sharing) keeps one :class:`Registry`. A handler is
 registered for an overload packet (``aten.add``: every overload) or one overload
 (``aten.add.Tensor``); lookups are cached per overload, so a dispatch costs one dict access.
-A registry made with ``decompose=True`` runs an unregistered op as torch's own
+A registry made with ``decompose=True`` runs an unregistered, non-mutating op as torch's own
 decomposition of it (``torch._decomp``: ``var`` into sums and products, ``layer_norm`` into
 means and ``rsqrt``, ``leaky_relu`` into a comparison and a ``where``), whose steps dispatch
 back to the registered handlers; so every step is one of the encoding's protocols. Anything
@@ -61,7 +61,10 @@ class Registry:
         from torch._decomp import decomposition_table
 
         decomposed = decomposition_table.get(func)
-        if decomposed is None:
+        if decomposed is None or func._schema.is_mutable:
+            # In-place and out= decompositions write through resize_/copy_ into their
+            # argument; an adaptive optimizer's addcdiv_ or lerp_ would run and then fail
+            # numerically (second moments underflow the fixed point): such ops stay errors.
             return None
         layer = self.layer
 
