@@ -203,3 +203,36 @@ def test_approximations_on_shares_held_by_workers(serialize):
         got = reveal(fn(a))
         want = fn(x).to(got.dtype)
         torch.testing.assert_close(got, want, rtol=0, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@settings(max_examples=15, deadline=None)
+@given(shaped_tensors(max_side=5, bound=100.0), st.data())
+def test_max_and_min_gradients_match_plaintext(x, data):
+    dim = data.draw(st.integers(-x.dim(), x.dim() - 1))
+    keepdim = data.draw(st.booleans())
+    x = x + torch.arange(x.numel()).reshape(x.shape) * 1e-3  # a unique maximum per slice
+    for reduce in (
+        lambda t: torch.max(t, dim, keepdim=keepdim).values,
+        lambda t: torch.min(t, dim, keepdim=keepdim).values,
+        lambda t: t.amax(dim, keepdim=keepdim),
+        lambda t: t.amin(dim),
+        lambda t: t.max(),
+        lambda t: t.min(),
+    ):
+        ref_x = x.clone().requires_grad_()
+        out = reduce(ref_x)
+        g = torch.randn(out.shape)
+        out.backward(g)
+        a = sh(x).requires_grad_()
+        reduce(a).backward(sh(g))
+        assert torch.allclose(reveal(a.grad), ref_x.grad.double(), atol=2 * ULP)
+
+
+def test_amax_gradient_splits_ties_like_torch():
+    x = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]])
+    ref_x = x.clone().requires_grad_()
+    ref_x.amax(1).sum().backward()
+    a = sh(x).requires_grad_()
+    a.amax(1).sum().backward()
+    # the secret tie count (1/2, 1/3) goes through the reciprocal approximation
+    assert torch.allclose(reveal(a.grad), ref_x.grad.double(), atol=1e-4)

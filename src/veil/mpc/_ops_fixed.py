@@ -126,7 +126,7 @@ def _to_copy(func: Any, args: Any, kwargs: Any) -> Any:
     if device is not None and torch.device(device).type not in ("cpu",):
         raise NotImplementedError(f"{func}: fixed-precision tensors stay on the cpu device")
     if dtype.is_floating_point:
-        return FPT(x.child, x.precision_bits, dtype)
+        return as_real(x, dtype)
     raise NotImplementedError(f"{func} to {dtype} is not supported on a FixedPrecisionTensor")
 
 
@@ -136,6 +136,11 @@ def _to_dtype(func: Any, args: Any, kwargs: Any) -> Any:
     dtype = args[1] if len(args) > 1 else kwargs["dtype"]
     return _to_copy(func, args[:1], {"dtype": dtype})
 
+
+@implements(aten.isnan, aten.isinf, aten.isposinf, aten.isneginf)
+def _never(func: Any, args: Any, kwargs: Any) -> Any:
+    """Fixed-point values are never NaN or infinite (encoding refuses them): public False."""
+    return torch.zeros(tuple(args[0].shape), dtype=torch.bool)
 
 @implements(aten.real)
 def _real(func: Any, args: Any, kwargs: Any) -> Any:
@@ -224,16 +229,24 @@ def _is_same_size(func: Any, args: Any, kwargs: Any) -> Any:
 # ---------------------------------------------------------------------- views and indexing
 
 
+def _restores_reduced_dim(x: FixedPrecisionTensor, dim: int) -> bool:
+    """Whether ``x.unsqueeze(dim)`` puts back the dim that the max/min whose secret indices
+    ``x`` holds reduced (autograd does, before scattering the gradient): the indices keep
+    their one-hot then."""
+    cache = getattr(x, "cache", None)
+    return bool(cache) and "dim" in cache and dim % (x.dim() + 1) == cache["dim"]
+
+
 def _shape_handler(name: str, *, drop: tuple[str, ...] = ()) -> Any:
     def handler(func: Any, args: Any, kwargs: Any) -> Any:
         x = args[0]
         extra = [v for k, v in kwargs.items() if k not in drop]
         out = V.shape_op(child_of(x), name, *args[1:], *extra)
-        return (
-            _copy_cache(x, FPT(out, x.precision_bits, x.dtype))
-            if name in ("view", "_unsafe_view")
-            else FPT(out, x.precision_bits, x.dtype)
-        )
+        if name in ("view", "_unsafe_view"):
+            return _copy_cache(x, FPT(out, x.precision_bits, x.dtype))
+        if name == "unsqueeze" and _restores_reduced_dim(x, args[1]):
+            return _copy_cache(x, FPT(out, x.precision_bits, x.dtype))
+        return FPT(out, x.precision_bits, x.dtype)
 
     return handler
 
@@ -453,10 +466,22 @@ def _mul_(func: Any, args: Any, kwargs: Any) -> Any:
     return _inplace(multiply(args[0], args[1]), args[0])
 
 
+def as_real(x: FixedPrecisionTensor, dtype: torch.dtype = torch.float32) -> FixedPrecisionTensor:
+    """``x`` as a float FixedPrecisionTensor: 0/1 comparison results and integer counts
+    (precision 0) get the default fractional bits, or a later ``mask / count`` would be
+    rounded to an integer."""
+    if not x.dtype.is_floating_point and x.precision_bits == 0:
+        f = encoding.DEFAULT_PRECISION
+        return FPT(V.mul_int(x.child, 1 << f), f, dtype)
+    return FPT(x.child, x.precision_bits, dtype)
+
+
 def divide(a: Any, b: Any) -> FixedPrecisionTensor:
     if type(b) is FPT:
         from veil.mpc import approximations
 
+        if not b.dtype.is_floating_point:
+            b = as_real(b)
         return multiply(a, approximations.reciprocal(b))
     if type(a) is not FPT:
         raise NotImplementedError(
@@ -585,7 +610,8 @@ def _dims(x: Any, dim: Any) -> list[int]:
 
 
 def reduce_sum(x: FixedPrecisionTensor, dim: Any = None, keepdim: bool = False) -> Any:
-    return FPT(V.shape_op(child_of(x), "sum", _dims(x, dim), keepdim), x.precision_bits, x.dtype)
+    dtype = torch.int64 if x.dtype is torch.bool else x.dtype  # as torch: bools sum to counts
+    return FPT(V.shape_op(child_of(x), "sum", _dims(x, dim), keepdim), x.precision_bits, dtype)
 
 
 @implements(aten.sum.dim_IntList)
@@ -699,6 +725,21 @@ for _op, _packets in (
     implements(*_packets)(_make_logical(_op))
 
 
+for _op, _packets in (
+    ("and", (aten.logical_and_, aten.bitwise_and_, aten.__iand__)),
+    ("or", (aten.logical_or_, aten.bitwise_or_, aten.__ior__)),
+    ("xor", (aten.logical_xor_, aten.bitwise_xor_, aten.__ixor__)),
+):
+
+    def _make_logical_(op: str) -> Any:
+        def handler(func: Any, args: Any, kwargs: Any) -> Any:
+            return _inplace(logical(func, args[0], args[1], op), args[0])
+
+        return handler
+
+    implements(*_packets)(_make_logical_(_op))
+
+
 @implements(aten.logical_not, aten.bitwise_not)
 def _logical_not(func: Any, args: Any, kwargs: Any) -> Any:
     return FPT(V.sub(1, _bit(func, args[0])), 0, torch.bool)
@@ -711,13 +752,14 @@ def _where(func: Any, args: Any, kwargs: Any) -> Any:
         shape = torch.broadcast_shapes(
             *(t.shape for t in (cond, x, y) if isinstance(t, torch.Tensor))
         )
-        x, y = (
-            t if isinstance(t, torch.Tensor) else torch.full(shape, float(t)) for t in (x, y)
-        )
+        x, y = (t if isinstance(t, torch.Tensor) else torch.full(shape, t) for t in (x, y))
     if type(x) is FPT or type(y) is FPT:
         cx, cy, f, dtype = fixed_pair(x, y)
+    elif x.is_floating_point() or y.is_floating_point():  # public values, a secret choice
+        f, dtype = encoding.DEFAULT_PRECISION, torch.float32
+        cx, cy = _as_child(x, None, f), _as_child(y, None, f)
     else:
-        cx, cy, f, dtype = x, y, 0, x.dtype
+        cx, cy, f, dtype = x.to(torch.int64), y.to(torch.int64), 0, torch.int64
     c = child_of(cond) if type(cond) is FPT else cond.to(torch.int64)
     return FPT(V.select(c, cx, cy), f, dtype)
 

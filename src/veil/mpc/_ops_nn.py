@@ -213,8 +213,35 @@ def _max_dim(func: Any, args: Any, kwargs: Any) -> Any:
         index = V.shape_op(index, "squeeze.dim", dim)
     vals = FPT(values, x.precision_bits, x.dtype)
     idx = FPT(index, 0, torch.int64)
-    idx.cache = {"onehot": onehot}
+    idx.cache = {"onehot": onehot, "dim": dim % x.dim()}
     return vals, idx
+
+
+@implements(aten.scatter.src)
+def _scatter(func: Any, args: Any, kwargs: Any) -> Any:
+    """``base.scatter(dim, index, src)`` where ``index`` are the secret positions of a
+    ``max``/``min`` over ``dim`` (what autograd does to route their gradient): the one-hot
+    of the positions times ``src``, plus ``base`` where the one-hot is 0. One product (or
+    two when ``base`` is not public zeros), no position revealed."""
+    base, dim, index, src = args
+    cache = getattr(index, "cache", None) if type(index) is FPT else None
+    onehot = cache.get("onehot") if cache else None
+    if onehot is None or type(src) is not FPT or type(base) is not FPT:
+        raise NotImplementedError(
+            f"{func}: only the gradient of max/min over a dim (their secret indices) is "
+            "supported on a FixedPrecisionTensor"
+        )
+    if dim % base.dim() != cache["dim"] or tuple(base.shape) != tuple(onehot.shape):
+        raise NotImplementedError(f"{func}: the indices come from a max/min over another shape")
+    f = src.precision_bits
+    spread = V.product(onehot, V.shape_op(child_of(src), "expand", list(onehot.shape)))
+    b = child_of(base)
+    if type(b) is torch.Tensor and not b.any():
+        return FPT(spread, f, src.dtype)
+    if base.precision_bits != f:
+        raise NotImplementedError(f"{func}: base and src of different precisions")
+    kept = V.product(V.sub(1, onehot), b)
+    return FPT(V.add(kept, spread), f, src.dtype)
 
 
 def _onehot_index(onehot: Any, dim: int, k: int) -> Any:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from veil._errors import PrecisionOverflow
+
 Handler = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
 
 
@@ -75,6 +77,11 @@ class Registry:
                 raise NotImplementedError(
                     f"{func} runs on a {layer} as torch's decomposition of it, and a step of "
                     f"that is not supported: {e}"
+                ) from e
+            except PrecisionOverflow as e:  # a decomposition's own constant (inf, max float)
+                raise PrecisionOverflow(
+                    f"{func} runs on a {layer} as torch's decomposition of it, and a step of "
+                    f"that uses a value outside the fixed-point range: {e}"
                 ) from e
             if out is NotImplemented:
                 raise NotImplementedError(
