@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -208,6 +210,35 @@ def test_more_parties(n):
     x = torch.tensor([[1.5, -2.25], [0.125, 4.0]])
     a = shared(x, parties, provider)
     assert torch.allclose(reveal(a @ a * 0.5), (x @ x * 0.5).double(), atol=1e-4)
+
+
+@pytest.mark.parametrize("n,serialize", [(3, False), (3, True), (5, False)])
+def test_more_parties_over_workers(n, serialize):
+    """Products, truncations, comparisons and a training step with every share on its own
+    worker: with three or more parties, openings go through party 0's relay, so party 0
+    receives n - 1 messages and the others one."""
+    parties, provider = worker_parties(n, serialize=serialize)
+    torch.manual_seed(n)
+    x, w = torch.randn(4, 3), torch.randn(3, 2)
+    a, b = shared(x, parties, provider), shared(w, parties, provider)
+    xd, wd = x.double(), w.double()
+    assert torch.allclose(reveal(a * a), xd * xd, atol=4 * ULP)
+    assert torch.allclose(reveal(a @ b), xd @ wd, atol=8 * ULP)
+    assert torch.allclose(reveal(a * 2.5 - a / 4), xd * 2.25, atol=4 * ULP)
+    assert torch.allclose(reveal(torch.relu(a)), torch.relu(xd), atol=ULP)
+    assert torch.allclose(reveal(a.max(1).values), xd.max(1).values, atol=ULP)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    plain = copy.deepcopy(model)
+    secure = model.fix_precision().share(*parties, crypto_provider=provider)
+    y = torch.randn(4, 1)
+    for net, inputs, target in ((plain, x, y), (secure, a, shared(y, parties, provider))):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(inputs), target).backward()
+            opt.step()
+    for p, q in zip(secure.parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(reveal(p), q.detach().double(), atol=1e-3)
 
 
 def test_plain_overflow_is_detected():

@@ -401,7 +401,7 @@ def flush(ctx: Context) -> None:
         masks = [batch_mask(i, plan, *items[i]) for i in range(n)]
         parts = exchange(ctx, [m[1] for m in masks])
         outs = [
-            batch_open(i, plan, masks[i][0], n - 1, *parts[i], *items[i]) for i in range(n)
+            batch_open(i, plan, masks[i][0], len(parts[i]), *parts[i], *items[i]) for i in range(n)
         ]
     later = []
     j = 0
@@ -414,7 +414,7 @@ def flush(ctx: Context) -> None:
     if later:
         parts = exchange(ctx, [o[-1] for o in outs])
         closes = [
-            batch_close(i, plan, outs[i][-2], n - 1, *parts[i], *items[i]) for i in range(n)
+            batch_close(i, plan, outs[i][-2], len(parts[i]), *parts[i], *items[i]) for i in range(n)
         ]
         for j, op in enumerate(later):
             op.result = [closes[i][j] for i in range(n)]
