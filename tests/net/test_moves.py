@@ -22,12 +22,13 @@ def pair():
         ("bob", {"token": token, "args": ["--max-bytes", "1M"]}),
         ("eve", {"token": new_token()}),  # a worker with another token
         ("carol", {"token": token}),
+        ("dave", {"token": token}),
     ) as procs:
         yield procs
 
 
 def test_move_goes_worker_to_worker(pair):
-    a, b, _, _ = pair
+    a, b, _, _, _ = pair
     with (
         connect(a.url, token=a.token, timeout=10) as alice,
         connect(b.url, token=b.token, timeout=10) as bob,
@@ -49,7 +50,7 @@ def test_move_goes_worker_to_worker(pair):
 
 
 def test_moved_objects_belong_to_the_client_on_the_destination(pair):
-    a, b, _, _ = pair
+    a, b, _, _, _ = pair
     alice = connect(a.url, token=a.token, timeout=10)
     with connect(b.url, token=b.token, timeout=10) as observer:
         bob = connect(b.url, token=b.token, timeout=10)
@@ -66,7 +67,7 @@ def test_moved_objects_belong_to_the_client_on_the_destination(pair):
 
 
 def test_a_move_over_the_destination_limit_reports_it(pair):
-    a, b, _, _ = pair
+    a, b, _, _, _ = pair
     with (
         connect(a.url, token=a.token, timeout=10) as alice,
         connect(b.url, token=b.token, timeout=10) as bob,
@@ -81,7 +82,7 @@ def test_a_move_over_the_destination_limit_reports_it(pair):
 
 
 def test_a_worker_with_another_token_refuses_the_delivery(pair):
-    a, _, e, _ = pair
+    a, _, e, _, _ = pair
     with (
         connect(a.url, token=a.token, timeout=10) as alice,
         connect(e.url, token=e.token, timeout=10) as eve,
@@ -94,7 +95,7 @@ def test_a_worker_with_another_token_refuses_the_delivery(pair):
 
 
 def test_moves_to_and_from_in_process_workers_fail_clearly(pair):
-    a, _, _, _ = pair
+    a, _, _, _, _ = pair
     with connect(a.url, token=a.token, timeout=10) as alice:
         local = veil.VirtualWorker("local")
         torch.ones(2).send(alice).move(local)
@@ -106,7 +107,7 @@ def test_moves_to_and_from_in_process_workers_fail_clearly(pair):
 
 
 def test_a_move_to_a_departed_client_reports_that_its_session_ended(pair):
-    a, b, _, _ = pair
+    a, b, _, _, _ = pair
     with connect(a.url, token=a.token, timeout=10) as alice:
         bob = connect(b.url, token=b.token, timeout=10)
         bob.close()
@@ -117,7 +118,7 @@ def test_a_move_to_a_departed_client_reports_that_its_session_ended(pair):
 
 def test_crossing_moves_each_followed_by_a_use(pair):
     """alice -> bob and bob -> alice, pipelined, each followed by a use of what came in."""
-    a, b, _, _ = pair
+    a, b, _, _, _ = pair
     with (
         connect(a.url, token=a.token, timeout=10) as alice,
         connect(b.url, token=b.token, timeout=10) as bob,
@@ -133,7 +134,7 @@ def test_crossing_moves_each_followed_by_a_use(pair):
 
 def test_secret_sharing_over_network_workers(pair):
     mpc = pytest.importorskip("veil.mpc")
-    a, b, _, c = pair
+    a, b, _, c, _ = pair
     with (
         connect(a.url, token=a.token, timeout=30) as alice,
         connect(b.url, token=b.token, timeout=30) as bob,
@@ -153,7 +154,7 @@ def test_secure_training_step_over_network_workers(pair, truncation):
     pytest.importorskip("veil.mpc")
     from torch import nn
 
-    a, b, _, c = pair
+    a, b, _, c, _ = pair
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
     plain = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
@@ -172,6 +173,36 @@ def test_secure_training_step_over_network_workers(pair, truncation):
         assert _runtime.context((alice, bob), carol, truncation).seeded
         xs = x.fix_precision().share(alice, bob, **kw)
         ys = y.fix_precision().share(alice, bob, **kw)
+        loss = _two_sgd_steps(secure, xs, ys)
+        got = [p.get().float_precision() for p in secure.parameters()]
+        secure_loss = loss.get().float_precision().item()
+    plain_loss = _two_sgd_steps(plain, x, y)
+    assert abs(secure_loss - plain_loss.item()) < 1e-2
+    for g, p in zip(got, plain.parameters()):
+        torch.testing.assert_close(g, p.detach(), atol=1e-2, rtol=0)
+
+
+def test_secure_training_step_among_three_network_parties(pair):
+    """Three parties: every opening goes through party 0's relay, over the network."""
+    pytest.importorskip("veil.mpc")
+    from torch import nn
+
+    a, b, _, c, d = pair
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+    plain = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+    plain.load_state_dict(model.state_dict())
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    with (
+        connect(a.url, token=a.token, timeout=30) as alice,
+        connect(b.url, token=b.token, timeout=30) as bob,
+        connect(c.url, token=c.token, timeout=30) as carol,
+        connect(d.url, token=d.token, timeout=30) as dave,
+    ):
+        parties = (alice, bob, dave)
+        secure = model.fix_precision().share(*parties, crypto_provider=carol)
+        xs = x.fix_precision().share(*parties, crypto_provider=carol)
+        ys = y.fix_precision().share(*parties, crypto_provider=carol)
         loss = _two_sgd_steps(secure, xs, ys)
         got = [p.get().float_precision() for p in secure.parameters()]
         secure_loss = loss.get().float_precision().item()
