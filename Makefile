@@ -23,6 +23,7 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest
+	VEIL_TEST_PARTIES=3 $(PY) -m pytest tests/mpc -p no:cacheprovider
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/pointer_overhead.py

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 from hypothesis import strategies as st
 
@@ -15,8 +18,18 @@ F = 16
 ULP = 2.0**-F
 
 
-def local_parties(n: int = 2) -> tuple[tuple[str, ...], str]:
-    """Names of ``n`` simulated parties and a provider (shares are local tensors)."""
+#: ``VEIL_TEST_PARTIES=k`` runs the tests that use :func:`local_parties` with ``max(n, k)``
+#: virtual workers instead (``VEIL_TEST_SERIALIZE=1``: serializing ones), so the same oracle
+#: checks cover the distributed protocol with that many parties (``make test`` does k = 3).
+TEST_PARTIES = int(os.environ.get("VEIL_TEST_PARTIES", "0") or 0)
+TEST_SERIALIZE = bool(os.environ.get("VEIL_TEST_SERIALIZE"))
+
+
+def local_parties(n: int = 2) -> tuple[tuple[Any, ...], Any]:
+    """Names of ``n`` simulated parties and a provider (shares are local tensors), or
+    workers when ``VEIL_TEST_PARTIES`` is set (see :data:`TEST_PARTIES`)."""
+    if TEST_PARTIES:
+        return worker_parties(max(n, TEST_PARTIES), serialize=TEST_SERIALIZE)
     return tuple(f"p{i}" for i in range(n)), "dealer"
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import veil
@@ -16,6 +16,7 @@ from veil.mpc.encoding import decode, encode, scalar_multiplier
 
 @settings(max_examples=60)
 @given(st.lists(st.integers(-(2**61) + 1, 2**61 - 1), min_size=1, max_size=20), st.integers(0, 24))
+@example(ints=[-72_057_594_037_927_937], bits=3)  # integer part not exact in float64
 def test_decode_of_encode_is_exact_for_representable_values(ints, bits):
     v = torch.tensor(ints, dtype=torch.int64)
     x = decode(v, bits, torch.float64)
@@ -26,6 +27,24 @@ def test_decode_of_encode_is_exact_for_representable_values(ints, bits):
             assert got == want
         else:
             assert got == float(want)
+
+
+def _nearest_float32_of_int(i: int) -> int:
+    """The integer nearest to ``i`` with 24 significant bits (ties to even): float32(i)."""
+    m, shift = abs(i), max(0, abs(i).bit_length() - 24)
+    q, r = divmod(m, 1 << shift)
+    half = 1 << shift >> 1
+    if shift and (r > half or (r == half and q & 1)):
+        q += 1
+    return (q << shift) * (1 if i >= 0 else -1)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.integers(-(2**62) + 1, 2**62 - 1), min_size=1, max_size=20), st.integers(0, 24))
+def test_decode_to_float32_rounds_once(ints, bits):
+    got = decode(torch.tensor(ints, dtype=torch.int64), bits, torch.float32).tolist()
+    for g, i in zip(got, ints):
+        assert g == _nearest_float32_of_int(i) / 2**bits
 
 
 @settings(max_examples=60)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import veil
 import veil.mpc
-from tests.mpc.helpers import local_parties, worker_parties
+from tests.mpc.helpers import worker_parties
 from veil.mpc import AdditiveSharingTensor
 from veil.workers import FetchObject
 
@@ -18,8 +18,8 @@ from veil.workers import FetchObject
 @given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=12), st.integers(2, 5))
 def test_share_and_reconstruct_local(values, n):
     x = torch.tensor(values, dtype=torch.int64)
-    parties, provider = local_parties(n)
-    s = x.share(*parties, crypto_provider=provider)
+    parties = tuple(f"p{i}" for i in range(n))  # names, whatever VEIL_TEST_PARTIES says
+    s = x.share(*parties, crypto_provider="dealer")
     assert isinstance(s, AdditiveSharingTensor)
     assert len(s.shares) == n
     assert torch.equal(s.get(), x)

@@ -80,9 +80,18 @@ def decode(
         raise TypeError(f"decode() takes int64 encodings, got {v.dtype}")
     if precision_bits == 0:
         return v.to(dtype)
-    whole = (v >> precision_bits).to(torch.float64)
-    frac = (v & ((1 << precision_bits) - 1)).to(torch.float64) * (2.0**-precision_bits)
-    return (whole + frac).to(dtype)
+    # int64 -> float64 rounds once (exact below 2^53) and a power-of-two scale is exact, so
+    # this is v / 2^f correctly rounded. (Adding an integer part and a fraction, as before,
+    # rounded twice once |v| / 2^f reached 2^53.)
+    out = v.to(torch.float64) * 2.0**-precision_bits
+    if dtype is torch.float64:
+        return out
+    narrow = out.to(dtype)
+    if dtype is torch.float32:
+        big = (v > 2**53) | (v < -(2**53))  # not exact in float64: round once, to float32
+        if bool(big.any()):
+            narrow = torch.where(big, v.to(torch.float32) * 2.0**-precision_bits, narrow)
+    return narrow
 
 
 def scalar_multiplier(value: float, *, bits: int = 24, max_shift: int = 56) -> tuple[int, int]:
