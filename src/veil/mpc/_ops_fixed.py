@@ -710,34 +710,24 @@ def logical(func: Any, a: Any, b: Any, op: str) -> FixedPrecisionTensor:
     return FPT(V.sub(total, V.mul_int(both, 1 if op == "or" else 2)), 0, torch.bool)
 
 
-for _op, _packets in (
-    ("and", (aten.logical_and, aten.bitwise_and, aten.__and__)),
-    ("or", (aten.logical_or, aten.bitwise_or, aten.__or__)),
-    ("xor", (aten.logical_xor, aten.bitwise_xor, aten.__xor__)),
+def _logical_handler(op: str, in_place: bool) -> Any:
+    def handler(func: Any, args: Any, kwargs: Any) -> Any:
+        out = logical(func, args[0], args[1], op)
+        return _inplace(out, args[0]) if in_place else out
+
+    return handler
+
+
+for _op, _packets, _packets_ in (
+    ("and", (aten.logical_and, aten.bitwise_and, aten.__and__),
+     (aten.logical_and_, aten.bitwise_and_, aten.__iand__)),
+    ("or", (aten.logical_or, aten.bitwise_or, aten.__or__),
+     (aten.logical_or_, aten.bitwise_or_, aten.__ior__)),
+    ("xor", (aten.logical_xor, aten.bitwise_xor, aten.__xor__),
+     (aten.logical_xor_, aten.bitwise_xor_, aten.__ixor__)),
 ):
-
-    def _make_logical(op: str) -> Any:
-        def handler(func: Any, args: Any, kwargs: Any) -> Any:
-            return logical(func, args[0], args[1], op)
-
-        return handler
-
-    implements(*_packets)(_make_logical(_op))
-
-
-for _op, _packets in (
-    ("and", (aten.logical_and_, aten.bitwise_and_, aten.__iand__)),
-    ("or", (aten.logical_or_, aten.bitwise_or_, aten.__ior__)),
-    ("xor", (aten.logical_xor_, aten.bitwise_xor_, aten.__ixor__)),
-):
-
-    def _make_logical_(op: str) -> Any:
-        def handler(func: Any, args: Any, kwargs: Any) -> Any:
-            return _inplace(logical(func, args[0], args[1], op), args[0])
-
-        return handler
-
-    implements(*_packets)(_make_logical_(_op))
+    implements(*_packets)(_logical_handler(_op, False))
+    implements(*_packets_)(_logical_handler(_op, True))
 
 
 @implements(aten.logical_not, aten.bitwise_not)
