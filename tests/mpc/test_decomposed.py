@@ -58,8 +58,9 @@ def test_std_and_unbiased_overloads():
     a = sh(x)
     assert torch.allclose(reveal(a.std(0)), x.double().std(0), rtol=1e-3, atol=ULP)
     assert torch.allclose(reveal(a.std()), x.double().std(), rtol=1e-3, atol=ULP)
-    assert torch.allclose(reveal(a.var(1, unbiased=False)), x.double().var(1, unbiased=False),
-                          atol=200 * ULP)
+    assert torch.allclose(
+        reveal(a.var(1, unbiased=False)), x.double().var(1, unbiased=False), atol=200 * ULP
+    )
     assert torch.allclose(reveal(a.var()), x.double().var(), atol=200 * ULP)
     with pytest.raises(ValueError, match="degrees of freedom"):
         sh(torch.ones(1, 3)).var(0)
@@ -99,8 +100,9 @@ def test_layer_norm_against_plaintext():
         ln.bias.uniform_(-1, 1)
     secure = copy.deepcopy(ln).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
     assert torch.allclose(reveal(secure(sh(x))), ln(x).double(), atol=2e-3)
-    assert torch.allclose(reveal(F.layer_norm(sh(x), (5,))), F.layer_norm(x, (5,)).double(),
-                          atol=2e-3)
+    assert torch.allclose(
+        reveal(F.layer_norm(sh(x), (5,))), F.layer_norm(x, (5,)).double(), atol=2e-3
+    )
 
 
 def test_batch_norm_train_and_eval():
@@ -142,7 +144,11 @@ def test_training_through_decomposed_layers_matches_plaintext(serialize):
     def model() -> nn.Module:
         torch.manual_seed(3)
         return nn.Sequential(
-            nn.Linear(4, 6), nn.LayerNorm(6), nn.LeakyReLU(0.1), nn.Linear(6, 3), nn.SiLU(),
+            nn.Linear(4, 6),
+            nn.LayerNorm(6),
+            nn.LeakyReLU(0.1),
+            nn.Linear(6, 3),
+            nn.SiLU(),
             nn.Linear(3, 3),
         )
 

@@ -19,6 +19,7 @@ shares are then local tensors, an in-process simulation of the same protocols.
 from veil.mpc import (
     _methods,
     _ops_fixed,
+    _ops_logical,
     _ops_nn,
     _ops_shared,
     _ops_stats,
@@ -37,7 +38,7 @@ from veil.mpc.fixed import FixedPrecisionTensor, fix_precision
 from veil.mpc.sharing import AdditiveSharingTensor, reconstruct, refresh, share
 
 _methods.install()
-del _ops_fixed, _ops_nn, _ops_shared, _ops_stats
+del _ops_fixed, _ops_logical, _ops_nn, _ops_shared, _ops_stats
 
 
 def stats() -> Stats:

@@ -418,9 +418,7 @@ class SecretIndices(torch.Tensor):
 _POOL_PAD = -(1 << 61)
 
 
-def _pool_geometry(
-    size: int, k: int, stride: int, pad: int, ceil_mode: bool
-) -> tuple[int, int]:
+def _pool_geometry(size: int, k: int, stride: int, pad: int, ceil_mode: bool) -> tuple[int, int]:
     """``(outputs, extra)`` along one axis: torch's output size, and the padding to add
     after the input beyond ``pad`` so that every window lies inside the padded axis."""
     span = size + 2 * pad - k
