@@ -27,6 +27,7 @@ from veil.mpc.sharing import (
 from veil.pointers import PointerTensor, remote_function
 
 AST = AdditiveSharingTensor
+aten = torch.ops.aten
 _LIMIT = float(2**62)
 
 
@@ -87,8 +88,6 @@ def shape_op(a: Any, name: str, *args: Any) -> Any:
         return map_shares(a, name, *args)
     return LOCAL_OPS[name](a, *args)
 
-
-aten = torch.ops.aten
 
 #: In-place view ops of the wrappers and the out-of-place local op each one applies.
 INPLACE_SHAPE_OPS = (
