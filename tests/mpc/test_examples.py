@@ -29,3 +29,11 @@ def test_secure_boston_matches_plaintext_within_two_percent():
     out = example.main(["--epochs", "10"])  # the paper's full setup
     assert out["gap"] <= 0.02
     assert out["secure_mse"] < 30  # it learned: the targets' variance is about 85
+
+
+def test_secure_cnn_inference_predicts_the_plaintext_classes():
+    example = _load("secure_cnn_inference")
+    out = example.main([])
+    assert torch.equal(out["logits"].argmax(1), out["plain_logits"].argmax(1))
+    assert out["gap"] < 1e-2
+    assert float((out["logits"].argmax(1) == out["labels"]).float().mean()) > 0.9  # it learned
