@@ -78,6 +78,12 @@ ACTIVATIONS = [
     ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"), 1e-3),
     ("elu", F.elu, 1e-3),
     ("softplus", F.softplus, 1e-3),
+    ("celu", F.celu, 1e-3),
+    ("selu", F.selu, 2e-3),
+    ("mish", F.mish, 2e-3),
+    ("hardsigmoid", F.hardsigmoid, 2 * ULP),
+    ("softsign", F.softsign, 1e-3),
+    ("logaddexp", lambda t: torch.logaddexp(t, t.flip(-1)), 2e-3),
     ("cumsum", lambda t: t.cumsum(-1), 8 * ULP),
     ("flatten", lambda t: t.flatten(), 0.0),
     ("min", lambda t: t.min(-1).values, 0.0),
@@ -103,6 +109,14 @@ def test_layer_norm_against_plaintext():
     assert torch.allclose(
         reveal(F.layer_norm(sh(x), (5,))), F.layer_norm(x, (5,)).double(), atol=2e-3
     )
+
+
+def test_group_and_instance_norm_against_plaintext():
+    torch.manual_seed(2)
+    x = torch.round(torch.randn(2, 4, 6) * 2 * 2**16) / 2**16  # variances inside [0.05, 150]
+    a = sh(x)
+    assert torch.allclose(reveal(F.group_norm(a, 2)), F.group_norm(x, 2).double(), atol=2e-3)
+    assert torch.allclose(reveal(F.instance_norm(a)), F.instance_norm(x).double(), atol=2e-3)
 
 
 def test_batch_norm_train_and_eval():

@@ -29,6 +29,12 @@ def _never(func: Any, args: Any, kwargs: Any) -> Any:
     return torch.zeros(tuple(args[0].shape), dtype=torch.bool)
 
 
+@implements(aten.isfinite)
+def _always(func: Any, args: Any, kwargs: Any) -> Any:
+    """``isfinite``: public True (torch's decompositions, e.g. of ``logaddexp``, call it)."""
+    return torch.ones(tuple(args[0].shape), dtype=torch.bool)
+
+
 def _bit(func: Any, x: Any) -> Any:
     """The 0/1 ring value of a comparison result, a public bool tensor or a Python bool."""
     if type(x) is FPT:
