@@ -276,3 +276,22 @@ def test_integer_shares_arithmetic():
     assert torch.equal(s.sum().get(), x.sum())
     assert torch.equal((s > 0).get(), (x > 0).long())
     assert torch.equal(torch.relu(s).get(), torch.relu(x))
+
+
+def test_empty_tensors_go_through_every_protocol():
+    """Zero-size values need no protocol (an empty product is zeros): nothing is dealt or
+    opened, and a later operation still works."""
+    e, w = torch.zeros(0, 3), torch.randn(3, 2)
+    k0a, k0b = torch.zeros(3, 0), torch.zeros(0, 2)
+    for a in both(e):
+        assert value(a @ both(w)[1]).shape == (0, 2)
+        assert value(a * 2.5).shape == (0, 3)
+        assert value(a @ w).shape == (0, 2)
+        assert value(torch.relu(a)).shape == (0, 3)
+        assert (a > 0).get().float_precision().shape == (0, 3)
+        assert value(torch.sigmoid(a)).shape == (0, 3)
+        assert value(a.sum()).item() == 0
+    for a, b in zip(both(k0a), both(k0b)):
+        assert torch.equal(value(a @ b), torch.zeros(3, 2, dtype=torch.float64))
+    x = shared(torch.tensor([1.5, -2.0]), PARTIES, PROVIDER)
+    assert torch.equal(reveal(torch.relu(x * x)), torch.tensor([2.25, 4.0], dtype=torch.float64))

@@ -195,6 +195,8 @@ def product(
     shared and public operands. Lazily transposed shared matrices are transposed inside the
     parties' own product steps."""
     sa, sb = type(a) is AST, type(b) is AST
+    if sa and sb and (a.numel() == 0 or b.numel() == 0):
+        return _empty_product(a, b, kind, params, plus)
     if kind == "matmul" and not params and ((sa and a.transposed) or (sb and b.transposed)):
         params = (sa and a.transposed, sb and b.transposed)
     if sa and sb:
@@ -213,7 +215,7 @@ def product(
             shares = [fn(kind, s, b, params) for s in x.raw_shares]
         else:
             shares = [fn(kind, a, s, params) for s in x.raw_shares]
-        if trunc:
+        if trunc and a.numel() and b.numel():  # an empty operand: zeros, nothing to round
             op = batch.queue_truncation(ctx, shares, trunc, 1, _addend(plus, ctx))
             return AST.deferred(op, ctx)
         out = AST(shares, ctx)
@@ -225,12 +227,26 @@ def product(
     return z if plus is None else add(z, plus)
 
 
+def _empty_product(a: AST, b: AST, kind: str, params: tuple[Any, ...], plus: Any) -> AST:
+    """A product with an empty operand is all zeros (an empty sum where it is not empty
+    itself): each party's product of its own two shares is exactly that, with no protocol
+    (which would deal and open nothing)."""
+    from veil.mpc._runtime import merge
+
+    ctx = merge(a.ctx, b.ctx)
+    fn = product_local if ctx.remote else ring_product
+    out = AST([fn(kind, x, y, params) for x, y in zip(a.shares, b.shares)], ctx)
+    return out if plus is None else add(out, plus)
+
+
 def truncate(a: Any, bits: int, scale: int = 1, plus: Any = None) -> Any:
     """``a * scale / 2^bits`` rounded (stochastically when shared, to nearest when public),
     plus ``plus`` if given (fused into the protocol's last step)."""
     if bits == 0:
         out = mul_int(a, scale) if scale != 1 else a
         return out if plus is None else add(out, plus)
+    if type(a) is AST and a.numel() == 0:
+        return a if plus is None else add(a, plus)
     if type(a) is AST:
         flip = a.transposed  # the parties transpose in the truncation's last step
         shares = a.raw_shares if flip else a.shares
@@ -244,6 +260,8 @@ def truncate(a: Any, bits: int, scale: int = 1, plus: Any = None) -> Any:
 def sign(a: Any) -> Any:
     """``[a >= 0]`` as 0/1 ring values (exact for ``|a| < 2^62``)."""
     if type(a) is AST:
+        if a.numel() == 0:
+            return mul_int(a, 0)
         return AST(protocols.sign(a.ctx, a.shares), a.ctx)
     return (a >= 0).to(torch.int64)
 
@@ -251,6 +269,8 @@ def sign(a: Any) -> Any:
 def relu(a: Any) -> tuple[Any, Any]:
     """``([a >= 0], relu(a))`` as ring values."""
     if type(a) is AST:
+        if a.numel() == 0:
+            return mul_int(a, 0), a
         s, r = protocols.sign(a.ctx, a.shares, relu=True)
         return AST(s, a.ctx), AST(r, a.ctx)
     s = (a >= 0).to(torch.int64)
