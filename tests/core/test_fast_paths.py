@@ -252,6 +252,9 @@ def test_moves_that_are_not_plain_take_the_message_path():
     with pytest.raises(veil.RemoteError, match="index_select"):
         alice.flush()
     assert lost.id not in bob.node.store.objects
+    # bob's client hears why, as from a network source's MoveFailed (not "no object")
+    with pytest.raises(veil.RemoteError, match=r"moving here did not come: .*index_select"):
+        bob.flush()
     assert sum(type(m).__name__ == "MoveObject" for m in moves) == 3
     # a serializing destination
     carol = veil.VirtualWorker("carol", serialize=True)

@@ -128,3 +128,19 @@ def test_serialized_workers():
 def test_repr_does_not_reveal():
     s = torch.tensor([123.0]).fix_precision().share("a", "b", crypto_provider="c")
     assert "123" not in repr(s) and "parties" in repr(s)
+
+
+def test_a_failed_provider_is_named_by_the_party_that_waited_for_it():
+    (alice, bob), carol = worker_parties(2)
+    s = torch.tensor([1.5, 2.0]).fix_precision().share(alice, bob, crypto_provider=carol)
+    broken = torch.ones(2).send(carol)
+    broken.index_select(0, torch.tensor([7]).send(carol))  # fails on carol, pipelined
+    cause = rf"'{carol.name}' was moving here did not come: .*index_select"
+    with pytest.raises(veil.RemoteError, match=cause):
+        (s * s).get()
+    with pytest.raises(veil.RemoteError, match="index_select"):
+        carol.flush()  # reported by carol itself
+    with pytest.raises(veil.RemoteError, match="did not come"):
+        bob.flush()  # bob waited for carol too; alice's error was reported above
+    alice.flush()
+    assert torch.allclose((s * s).get().float_precision(), torch.tensor([2.25, 4.0]))

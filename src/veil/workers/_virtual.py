@@ -102,6 +102,10 @@ class VirtualWorker(Worker):
             self.node.delete_ids(pending, self._session)
 
     def _move_object(self, oid: bytes, destination: Worker, new_id: bytes) -> None:
+        if self._session.error is not None and isinstance(destination, VirtualWorker):
+            # Skipped here (a pending error); as a network destination hears through
+            # MoveFailed, this one's client learns why the object did not come.
+            destination._move_failed(new_id, self.name, self._session.error)
         # The SMPC protocols move shares and masks between parties dozens of times a step.
         # In process, a public tensor that is not hosted data goes straight from this store
         # into the destination's, as the MoveObject and the peer's StoreObject would put it;
@@ -127,6 +131,18 @@ class VirtualWorker(Worker):
         destination.node.store.put(new_id, obj.detach().requires_grad_(obj.requires_grad))
         node.delete_ids((oid,), session)
         self._maybe_flush_gc()
+
+    def _move_failed(self, new_id: bytes, source: str, error: ErrorReply) -> None:
+        """A move into this worker was not carried out by ``source`` because of ``error``:
+        this client's session fails with the reason (the first failure is kept), so the
+        next request here names the cause instead of a missing object."""
+        session = self._session
+        if session.error is None:
+            reason = error.message
+            if error.op:
+                reason = f"{error.op} failed on {source}: {reason}"
+            what = f"object {new_id.hex()[:12]}… that worker {source!r} was moving here"
+            session.error = ErrorReply(error.kind, f"{what} did not come: {reason}", "move")
 
     def _inplace_here(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         # The optimizer's hot path (param.add_(grad, alpha=-lr)): the objects are looked up
