@@ -18,6 +18,7 @@ shares are then local tensors, an in-process simulation of the same protocols.
 
 from veil.mpc import (
     _methods,
+    _ops_attention,
     _ops_fixed,
     _ops_logical,
     _ops_nn,
@@ -38,7 +39,7 @@ from veil.mpc.fixed import FixedPrecisionTensor, fix_precision
 from veil.mpc.sharing import AdditiveSharingTensor, reconstruct, refresh, share
 
 _methods.install()
-del _ops_fixed, _ops_logical, _ops_nn, _ops_shared, _ops_stats
+del _ops_attention, _ops_fixed, _ops_logical, _ops_nn, _ops_shared, _ops_stats
 
 
 def stats() -> Stats:

@@ -175,7 +175,7 @@ def _clamp(func: Any, args: Any, kwargs: Any) -> Any:
 # ---------------------------------------------------------------------- softmax family
 
 
-@implements(aten._softmax)
+@implements(aten._softmax, aten.softmax.int, aten._safe_softmax)  # safe: all -inf rows
 def _softmax(func: Any, args: Any, kwargs: Any) -> Any:
     return A.softmax(args[0], args[1])
 
@@ -197,6 +197,42 @@ def _log_softmax_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, out, dim = args[0], args[1], args[2]
     total = reduce_sum(grad, dim, True)
     return _binary_add(grad, multiply(A.exp(out), total), 1, True)
+
+
+# ---------------------------------------------------------------------- dropout
+
+
+@implements(aten.native_dropout)
+def _dropout(func: Any, args: Any, kwargs: Any) -> Any:
+    """Dropout with a public mask: which units drop is random and independent of the data,
+    so drawing it in the clear (torch's generator) reveals nothing; the kept values are
+    scaled by ``1 / (1 - p)`` (a public product)."""
+    x, p = args[0], float(args[1])
+    train = args[2] if len(args) > 2 else kwargs.get("train", True)
+    if not train or p == 0.0:
+        return x, torch.ones(tuple(x.shape), dtype=torch.bool)
+    if p >= 1.0:
+        return FPT(V.mul_int(child_of(x), 0), x.precision_bits, x.dtype), torch.zeros(
+            tuple(x.shape), dtype=torch.bool
+        )
+    mask = torch.rand(tuple(x.shape)) >= p
+    return multiply(x, mask.to(torch.float64) / (1.0 - p)), mask
+
+
+@implements(aten.bernoulli_.float)
+def _bernoulli_(func: Any, args: Any, kwargs: Any) -> Any:
+    """Fill with public 0/1 draws (``F.dropout``'s noise, made with ``empty_like``): data-
+    independent randomness, drawn in the clear."""
+    x, p = args[0], float(args[1]) if len(args) > 1 else float(kwargs.get("p", 0.5))
+    draws = torch.bernoulli(torch.full(tuple(x.shape), p), generator=kwargs.get("generator"))
+    x.child = draws.to(torch.int64) << x.precision_bits
+    return x
+
+
+@implements(aten.native_dropout_backward)
+def _dropout_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, mask, factor = args[0], args[1], float(args[2])
+    return multiply(grad, mask.to(torch.float64) * factor)
 
 
 # ---------------------------------------------------------------------- max and argmax

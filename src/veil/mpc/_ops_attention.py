@@ -1,0 +1,142 @@
+"""Scaled dot-product attention on FixedPrecisionTensors (``F.scaled_dot_product_attention``,
+hence ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``), forward and backward.
+
+On the CPU torch runs attention as ``_scaled_dot_product_flash_attention_for_cpu``; veil
+implements that op and its backward with its own protocols:
+
+1. ``S = Q K^T * scale`` (a shared product, truncated), plus a public bias of ``-64`` on
+   masked positions (``is_causal`` or a boolean ``attn_mask``; a float mask is added);
+2. ``m = max(S)`` over the keys (exact comparisons), ``e = exp(S - m)`` times the public
+   0/1 keep-mask (masked weights are exactly 0), ``z = sum(e)``, ``P = e / z`` (Newton
+   reciprocal), ``O = P V``; the ``logsumexp`` output is ``m + log(z)``;
+3. backward, with ``P`` recomputed (or kept from the forward): ``dV = P^T dO``,
+   ``dP = dO V^T``, ``dS = P (dP - rowsum(dP P))``, ``dQ = dS K scale``,
+   ``dK = dS^T Q scale``.
+
+Accuracy is that of :func:`veil.mpc.approximations.softmax`: scores within 320 of their
+row's maximum (the domain of ``exp``), at most 300 keys, absolute error of the weights
+below 1e-3; ``logsumexp`` also needs ``z`` (at most the number of keys) in ``log``'s domain,
+[0.05, 190]. Grouped-query attention raises ``NotImplementedError``. With
+``dropout_p > 0`` torch takes its math path instead (products, softmax and a public
+dropout mask, all veil protocols).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from veil.mpc import _values as V
+from veil.mpc import approximations as A
+from veil.mpc._ops_fixed import child_of, fixed_pair, matmul, multiply, scale
+from veil.mpc.fixed import OPS, FixedPrecisionTensor
+
+aten = torch.ops.aten
+FPT = FixedPrecisionTensor
+implements = OPS.implements
+
+#: Added to masked scores before the maximum (their weights are then zeroed exactly).
+_MASKED = -64.0
+
+
+def _check(func: Any, q: Any, k: Any, v: Any, dropout_p: float) -> None:
+    if dropout_p:
+        raise NotImplementedError(f"{func}: dropout inside attention (dropout_p={dropout_p})")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise NotImplementedError(f"{func}: query, key and value must be 4-D (N, H, L, E)")
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError(f"{func}: grouped-query attention (query and key heads differ)")
+
+
+def _keep_and_bias(
+    q: Any, k: Any, is_causal: bool, attn_mask: Any
+) -> tuple[torch.Tensor | None, Any]:
+    """The public 0/1 mask of attended positions (None: all) and the bias added to scores."""
+    length, keys = q.shape[-2], k.shape[-2]
+    keep = None
+    bias: Any = None
+    if is_causal:
+        keep = torch.ones(length, keys, dtype=torch.bool).tril()
+    if attn_mask is not None:
+        if type(attn_mask) is not FPT and attn_mask.dtype is torch.bool:
+            allowed = attn_mask
+        elif type(attn_mask) is not FPT:  # torch turns a boolean mask into 0 / -inf
+            allowed = attn_mask != float("-inf")
+            bias = attn_mask.masked_fill(~allowed, 0.0)
+            allowed = None if bool(allowed.all()) else allowed
+        elif attn_mask.dtype is torch.bool:
+            raise NotImplementedError("a secret boolean attention mask")
+        else:
+            allowed, bias = None, attn_mask  # a secret additive mask
+        if allowed is not None:
+            keep = allowed if keep is None else keep & allowed
+    if keep is not None:
+        masked = torch.where(keep, 0.0, _MASKED)
+        bias = masked if bias is None else bias + masked
+    return keep, bias
+
+
+def _weights(q: Any, k: Any, is_causal: bool, attn_mask: Any, scale_: float) -> tuple[Any, Any]:
+    """``(P, logsumexp)``: the attention weights and ``m + log(sum(e))``, as FPTs."""
+    f = q.precision_bits
+    scores = multiply(matmul(q, k.transpose(-2, -1)), scale_)
+    keep, bias = _keep_and_bias(q, k, is_causal, attn_mask)
+    if bias is not None:
+        cs, cb, f, _ = fixed_pair(scores, bias)
+        scores = FPT(V.add(cs, cb), f, q.dtype)
+    m, _ = A.max_with_onehot(scores, -1)
+    e = A._exp_child(V.sub(child_of(scores), m), f)
+    if keep is not None:
+        e = V.mul_int(e, keep.to(torch.int64).expand(tuple(scores.shape)))
+    total = V.shape_op(e, "sum", [-1], True)
+    weights = FPT(V.product(e, A._reciprocal_positive(total, f), "mul", (), f), f, q.dtype)
+    lse = A.log(FPT(total, f, q.dtype))
+    lse = FPT(V.shape_op(V.add(child_of(lse), m), "squeeze.dim", -1), f, q.dtype)
+    return weights, lse
+
+
+def _scale(q: Any, given: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if given is None else float(given)
+
+
+@implements(aten._scaled_dot_product_flash_attention_for_cpu)
+def _attention(func: Any, args: Any, kwargs: Any) -> Any:
+    q, k, v = args[:3]
+    dropout_p = args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0)
+    is_causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
+    attn_mask, given = kwargs.get("attn_mask"), kwargs.get("scale")
+    _check(func, q, k, v, dropout_p)
+    weights, lse = _weights(q, k, is_causal, attn_mask, _scale(q, given))
+    out = matmul(weights, v)
+    out.cache = {"attention_weights": weights}
+    return out, lse
+
+
+@implements(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _attention_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, q, k, v, out = args[:5]
+    dropout_p, is_causal = args[6], args[7]
+    attn_mask, given = kwargs.get("attn_mask"), kwargs.get("scale")
+    _check(func, q, k, v, dropout_p)
+    s = _scale(q, given)
+    cache = getattr(out, "cache", None) or {}
+    weights = cache.get("attention_weights")
+    if weights is None:
+        weights, _ = _weights(q, k, is_causal, attn_mask, s)
+    grad_v = matmul(weights.transpose(-2, -1), grad)
+    grad_p = matmul(grad, v.transpose(-2, -1))
+    inner = FPT(
+        V.shape_op(child_of(multiply(grad_p, weights)), "sum", [-1], True),
+        grad.precision_bits,
+        grad.dtype,
+    )
+    diff = FPT(V.sub(child_of(grad_p), child_of(inner)), grad.precision_bits, grad.dtype)
+    grad_s = multiply(weights, diff)
+    grad_q = FPT(scale(child_of(matmul(grad_s, k)), s), q.precision_bits, q.dtype)
+    grad_k = FPT(scale(child_of(matmul(grad_s.transpose(-2, -1), q)), s), k.precision_bits, k.dtype)
+    return grad_q, grad_k, grad_v
+
+
+__all__: list[str] = []
