@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,12 +110,60 @@ def test_max_pool2d_padding_is_never_the_maximum():
         F.max_pool2d(sh(x), 2, dilation=2)
 
 
-def test_avg_pool2d():
-    x = torch.randn(2, 3, 6, 6) * 10
-    got = reveal(F.avg_pool2d(sh(x), 2))
-    assert torch.allclose(got, F.avg_pool2d(x, 2).double(), atol=2 * ULP)
-    got = reveal(F.avg_pool2d(sh(x), 3, 1, 1))
-    assert torch.allclose(got, F.avg_pool2d(x, 3, 1, 1).double(), atol=2 * ULP)
+@pytest.mark.parametrize(
+    "args",
+    [
+        (2,),
+        (3, 1, 1),
+        (3, 2, 1, True),  # ceil_mode: windows past the padded edge
+        (3, 2, 1, False, False),  # count_include_pad=False: per-window divisors
+        (3, 2, 1, True, False),
+        ((3, 2), (2, 1), (1, 0), True, False),
+        (3, 1, 1, False, True, 5),  # divisor_override
+    ],
+)
+def test_avg_pool2d_and_its_gradient(args):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 7, 6) * 10).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    ref, got = F.avg_pool2d(x, *args), F.avg_pool2d(a, *args)
+    assert got.shape == ref.shape
+    assert torch.allclose(reveal(got), ref.double(), atol=4 * ULP)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=4 * ULP)
+
+
+@pytest.mark.parametrize("args", [(2,), (3, 2, 1), (2, 1, 0, 1, True)])
+def test_max_pool1d_and_its_gradient(args):
+    torch.manual_seed(1)
+    x = (torch.randn(2, 3, 9) * 10).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    ref, got = F.max_pool1d(x, *args), F.max_pool1d(a, *args)
+    assert torch.allclose(reveal(got), ref.double(), atol=ULP)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=2 * ULP)
+
+
+@pytest.mark.parametrize("kw", [{"padding": 1}, {"stride": 2, "dilation": 2}, {"groups": 3}])
+def test_conv1d_and_its_gradients(kw):
+    """Also grouped (here depthwise-like): weight gradients one product per group."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv1d(3, 6, 3, **kw)
+    secure = copy.deepcopy(conv).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    x = torch.randn(2, 3, 10).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    ref, got = conv(x), secure(a)
+    assert torch.allclose(reveal(got), ref.double(), atol=1e-3)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=1e-3)
+    for p, q in zip(secure.parameters(), conv.parameters(), strict=True):
+        assert torch.allclose(reveal(p.grad), q.grad.double(), atol=1e-3)
 
 
 # Each approximation: (function, reference, domain, error metric, bound), as stated in the
@@ -236,3 +286,14 @@ def test_amax_gradient_splits_ties_like_torch():
     a.amax(1).sum().backward()
     # the secret tie count (1/2, 1/3) goes through the reciprocal approximation
     assert torch.allclose(reveal(a.grad), ref_x.grad.double(), atol=1e-4)
+
+
+def test_grouped_conv2d_weight_gradients():
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    secure = copy.deepcopy(conv).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    x = torch.randn(2, 4, 5, 5)
+    conv(x).sum().backward()
+    secure(sh(x)).sum().backward()
+    for p, q in zip(secure.parameters(), conv.parameters(), strict=True):
+        assert torch.allclose(reveal(p.grad), q.grad.double(), atol=1e-3)

@@ -326,12 +326,28 @@ def _argmax(func: Any, args: Any, kwargs: Any) -> Any:
 # ---------------------------------------------------------------------- convolution
 
 
+def _lift_1d(x: Any, w: Any, stride: Any, padding: Any, dilation: Any) -> tuple[Any, ...]:
+    """A 1-D convolution as a 2-D one over a height of 1."""
+    return (
+        x.unsqueeze(2),
+        w.unsqueeze(2),
+        [1, _pair(stride)[0]],
+        [0, _pair(padding)[0]],
+        [1, _pair(dilation)[0]],
+    )
+
+
 @implements(aten.convolution)
 def _convolution(func: Any, args: Any, kwargs: Any) -> Any:
     x, w, bias, stride, padding, dilation, transposed, _, groups = args
+    if not transposed and x.dim() == 3 and w.dim() == 3:
+        x2, w2, s2, p2, d2 = _lift_1d(x, w, stride, padding, dilation)
+        out = _convolution(func, (x2, w2, bias, s2, p2, d2, False, [0, 0], groups), {})
+        return out.squeeze(2)
     if transposed or x.dim() != 4:
         raise NotImplementedError(
-            f"{func}: only 2-D, non-transposed convolutions are supported on a FixedPrecisionTensor"
+            f"{func}: only 1-D and 2-D, non-transposed convolutions are supported on a "
+            "FixedPrecisionTensor"
         )
     params = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
     out = bilinear(x, w, "conv2d", params)
@@ -349,8 +365,17 @@ def _convolution(func: Any, args: Any, kwargs: Any) -> Any:
 @implements(aten.convolution_backward)
 def _convolution_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, x, w, _, stride, padding, dilation, transposed, _, groups, mask = args
+    if not transposed and x.dim() == 3 and w.dim() == 3:
+        x2, w2, s2, p2, d2 = _lift_1d(x, w, stride, padding, dilation)
+        lifted = (grad.unsqueeze(2), x2, w2, None, s2, p2, d2, False, [0, 0], groups, mask)
+        gi, gw, gb = _convolution_backward(func, lifted, {})
+        return (
+            gi.squeeze(2) if gi is not None else None,
+            gw.squeeze(2) if gw is not None else None,
+            gb,
+        )
     if transposed or x.dim() != 4:
-        raise NotImplementedError(f"{func}: only 2-D, non-transposed convolutions")
+        raise NotImplementedError(f"{func}: only 1-D and 2-D, non-transposed convolutions")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     kh, kw = w.shape[2], w.shape[3]
     grad_input = grad_weight = grad_bias = None
@@ -369,9 +394,23 @@ def _convolution_backward(func: Any, args: Any, kwargs: Any) -> Any:
             grad, w, "conv_transpose2d", (stride, padding, out_pad, int(groups), dilation)
         )
     if mask[1]:
-        if groups != 1:
-            raise NotImplementedError(f"{func}: weight gradients of grouped convolutions")
-        grad_weight = bilinear(x, grad, "conv2d_weight", (stride, padding, dilation, (kh, kw)))
+        params = (stride, padding, dilation, (kh, kw))
+        if groups == 1:
+            grad_weight = bilinear(x, grad, "conv2d_weight", params)
+        else:  # one product per group, queued together: still one round
+            cin, cout = x.shape[1] // groups, grad.shape[1] // groups
+            grad_weight = torch.cat(
+                [
+                    bilinear(
+                        x[:, g * cin : (g + 1) * cin],
+                        grad[:, g * cout : (g + 1) * cout],
+                        "conv2d_weight",
+                        params,
+                    )
+                    for g in range(groups)
+                ],
+                0,
+            )
     if mask[2]:
         grad_bias = reduce_sum(grad, [0, 2, 3])
     return grad_input, grad_weight, grad_bias
@@ -384,44 +423,109 @@ def _ones_kernel(channels: int, kh: int, kw: int) -> torch.Tensor:
     return torch.ones((channels, 1, kh, kw), dtype=torch.int64)
 
 
+def _avg_args(args: Any, first: int) -> tuple[Any, ...]:
+    """``(kernel, stride, padding, ceil_mode, count_include_pad, divisor)`` of avg_pool2d
+    (``first``: the index of the kernel size among ``args``)."""
+    kh, kw = _pair(args[first])
+    rest = list(args[first + 1 :]) + [None] * 5
+    stride = _pair(rest[0]) if rest[0] else (kh, kw)
+    padding = _pair(rest[1]) if rest[1] is not None else (0, 0)
+    ceil_mode = bool(rest[2]) if rest[2] is not None else False
+    count_include_pad = rest[3] if rest[3] is not None else True
+    return (kh, kw), stride, padding, ceil_mode, count_include_pad, rest[4]
+
+
+def _avg_factor(
+    size: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor: Any,
+) -> tuple[tuple[int, int], torch.Tensor | float]:
+    """The padding added after the input so that every window fits (ceil mode), and the
+    public factor turning each window's sum into torch's average: ``1 / kh kw`` when it is
+    the same everywhere, else one factor per output position (torch's own divisors, read
+    from pooling a plaintext tensor of ones)."""
+    extra = tuple(
+        _pool_geometry(size[i], kernel[i], stride[i], padding[i], ceil_mode)[1] for i in range(2)
+    )
+    if divisor:
+        return extra, 1.0 / divisor  # type: ignore[return-value]
+    if not ceil_mode and (count_include_pad or padding == (0, 0)):
+        return extra, 1.0 / (kernel[0] * kernel[1])  # type: ignore[return-value]
+    ones = torch.ones(1, 1, *size, dtype=torch.float64)
+    mean = torch.nn.functional.avg_pool2d(
+        ones, kernel, stride, padding, ceil_mode, count_include_pad
+    )
+    real = torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(ones, (0, extra[1], 0, extra[0])),
+        kernel,
+        stride,
+        padding,
+        False,
+        True,
+        1,
+    )
+    factor = torch.where(real > 0, mean / real.clamp(min=1), 0.0)[0, 0]
+    return extra, factor  # type: ignore[return-value]
+
+
+def _times_factor(child: Any, factor: Any, x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """``child * factor`` for public factors in (0, 1], kept with 24 fractional bits (as
+    :func:`scale` keeps a scalar's) and one truncation."""
+    if isinstance(factor, float):
+        return FPT(scale(child, factor), x.precision_bits, x.dtype)
+    bits = 24
+    m = torch.round(factor.double() * 2.0**bits).to(torch.int64)
+    return FPT(V.truncate(V.mul_int(child, m), bits), x.precision_bits, x.dtype)
+
+
 @implements(aten.avg_pool2d)
 def _avg_pool2d(func: Any, args: Any, kwargs: Any) -> Any:
+    """Average pooling: window sums (a convolution with a public kernel of ones, no
+    round) times torch's divisors (public); ``ceil_mode`` pads the far side with zeros."""
     x = args[0]
-    kh, kw = _pair(args[1])
-    stride = _pair(args[2]) if len(args) > 2 and args[2] else (kh, kw)
-    padding = _pair(args[3]) if len(args) > 3 else (0, 0)
-    ceil_mode = args[4] if len(args) > 4 else False
-    count_include_pad = args[5] if len(args) > 5 else True
-    divisor = args[6] if len(args) > 6 else None
-    if ceil_mode or (padding != (0, 0) and not count_include_pad):
-        raise NotImplementedError(f"{func} with ceil_mode or count_include_pad=False")
-    c = x.shape[1]
-    total = V.product(
-        child_of(x), _ones_kernel(c, kh, kw), "conv2d", (stride, padding, (1, 1), c), 0
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor = _avg_args(args, 1)
+    size = (x.shape[-2], x.shape[-1])
+    extra, factor = _avg_factor(
+        size, kernel, stride, padding, ceil_mode, count_include_pad, divisor
     )
-    return FPT(scale(total, 1.0 / (divisor or kh * kw)), x.precision_bits, x.dtype)
+    c = child_of(x)
+    if any(extra):
+        c = V.shape_op(c, "constant_pad_nd", [0, extra[1], 0, extra[0]], 0)
+    ch = x.shape[1]
+    total = V.product(c, _ones_kernel(ch, *kernel), "conv2d", (stride, padding, (1, 1), ch), 0)
+    return _times_factor(total, factor, x)
 
 
 @implements(aten.avg_pool2d_backward)
 def _avg_pool2d_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, x = args[0], args[1]
-    kh, kw = _pair(args[2])
-    stride = _pair(args[3]) if args[3] else (kh, kw)
-    padding = _pair(args[4])
-    divisor = args[7] if len(args) > 7 else None
-    c = x.shape[1]
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor = _avg_args(args, 2)
+    size = (x.shape[-2], x.shape[-1])
+    extra, factor = _avg_factor(
+        size, kernel, stride, padding, ceil_mode, count_include_pad, divisor
+    )
+    weighted = _times_factor(child_of(grad), factor, grad)
+    full = (size[0] + extra[0], size[1] + extra[1])
     out_pad = tuple(
-        x.shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + (kh, kw)[i])
+        full[i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i])
         for i in range(2)
     )
+    ch = x.shape[1]
     spread = V.product(
-        child_of(grad),
-        _ones_kernel(c, kh, kw),
+        child_of(weighted),
+        _ones_kernel(ch, *kernel),
         "conv_transpose2d",
-        (stride, padding, out_pad, c, (1, 1)),
+        (stride, padding, out_pad, ch, (1, 1)),
         0,
     )
-    return FPT(scale(spread, 1.0 / (divisor or kh * kw)), grad.precision_bits, grad.dtype)
+    if any(extra):
+        spread = V.shape_op(spread, "slice", -2, 0, size[0], 1)
+        spread = V.shape_op(spread, "slice", -1, 0, size[1], 1)
+    return FPT(spread, grad.precision_bits, grad.dtype)
 
 
 class SecretIndices(torch.Tensor):
@@ -442,6 +546,12 @@ class SecretIndices(torch.Tensor):
         if func.overloadpacket in (aten.detach, aten.alias):
             x = args[0]
             return SecretIndices(x.shape, x.onehot, x.info)
+        if func.overloadpacket in (aten.squeeze, aten.unsqueeze):
+            # max_pool1d is max_pool2d over a height of 1, its indices squeezed after; the
+            # backward gets the 2-D node's own indices, so the squeezed ones only carry shape
+            x = args[0]
+            shape = func(torch.empty(tuple(x.shape), device="meta"), *args[1:]).shape
+            return SecretIndices(shape, x.onehot, x.info)
         raise NotImplementedError(f"{func}: the indices of a secure max pooling are secret")
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
