@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -295,3 +296,30 @@ def test_empty_tensors_go_through_every_protocol():
         assert torch.equal(value(a @ b), torch.zeros(3, 2, dtype=torch.float64))
     x = shared(torch.tensor([1.5, -2.0]), PARTIES, PROVIDER)
     assert torch.equal(reveal(torch.relu(x * x)), torch.tensor([2.25, 4.0], dtype=torch.float64))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.integers(1, 3), st.integers(1, 3), st.integers(0, 1), st.integers(1, 2),
+    st.integers(1, 2), st.data(),
+)
+def test_unfold_and_fold_match_torch(kh, kw, pad, dil, stride, data):
+    from veil.mpc.sharing import col2im, im2col
+
+    h = data.draw(st.integers(dil * (kh - 1) + 1, 7))
+    w = data.draw(st.integers(dil * (kw - 1) + 1, 7))
+    x = torch.randint(-1000, 1000, (2, 2, h, w))
+    args = ([kh, kw], [dil, dil], [pad, pad], [stride, stride])
+    kw_ = {"kernel_size": (kh, kw), "dilation": dil, "padding": pad, "stride": stride}
+    cols = F.unfold(x.double(), **kw_)
+    assert torch.equal(im2col(x, *args), cols.long())  # torch's kernels are float-only
+    assert torch.equal(col2im(cols.long(), [h, w], *args), F.fold(cols, (h, w), **kw_).long())
+    real = x.float() / 64
+    for a in both(real):
+        a.requires_grad_()
+        got = F.unfold(a, **kw_)
+        assert torch.allclose(value(got), F.unfold(real.double(), **kw_), atol=0)
+        got.sum().backward()
+        ref = real.clone().requires_grad_()
+        F.unfold(ref, **kw_).sum().backward()
+        assert torch.allclose(value(a.grad), ref.grad.double(), atol=0)

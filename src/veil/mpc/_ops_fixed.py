@@ -273,6 +273,8 @@ implements(aten.squeeze.dim)(_shape_handler("squeeze.dim"))
 implements(aten.squeeze.dims)(_shape_handler("squeeze.dims"))
 implements(aten.select.int)(_shape_handler("select"))
 implements(aten.cumsum.default)(_shape_handler("cumsum", drop=("dtype",)))
+implements(aten.im2col.default)(_shape_handler("im2col"))  # F.unfold, linear
+implements(aten.col2im.default)(_shape_handler("col2im"))  # F.fold and unfold's backward
 
 
 @implements(aten.flatten.using_ints)

@@ -52,8 +52,14 @@ class AdditiveSharingTensor(torch.Tensor):
         return cls._make(shares[0].shape, shares, None, ctx, transposed)
 
     @classmethod
-    def _make(cls, shape: Any, shares: list[Any] | None, pending: batch.Op | None, ctx: Context,
-              transposed: bool) -> AdditiveSharingTensor:
+    def _make(
+        cls,
+        shape: Any,
+        shares: list[Any] | None,
+        pending: batch.Op | None,
+        ctx: Context,
+        transposed: bool,
+    ) -> AdditiveSharingTensor:
         if transposed:
             shape = torch.Size((shape[1], shape[0]))
         out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.int64, device="cpu")
@@ -293,6 +299,49 @@ def fold_windows(
     return out
 
 
+def im2col(
+    x: torch.Tensor, kernel: list[int], dilation: list[int], padding: list[int], stride: list[int]
+) -> torch.Tensor:
+    """``F.unfold`` for int64 (torch's kernel is float-only): ``(N, C, H, W)`` to
+    ``(N, C kh kw, L)``, every sliding block as a column."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    n, c = x.shape[:2]
+    blocks = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    blocks = blocks[..., ::dh, ::dw]  # (N, C, Ho, Wo, kh, kw)
+    ho, wo = blocks.shape[2], blocks.shape[3]
+    return blocks.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
+def col2im(
+    cols: torch.Tensor,
+    size: list[int],
+    kernel: list[int],
+    dilation: list[int],
+    padding: list[int],
+    stride: list[int],
+) -> torch.Tensor:
+    """``F.fold`` for int64, the adjoint of :func:`im2col`: columns summed back onto an
+    ``(N, C, H, W)`` grid (overlaps add)."""
+    (h, w), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = size, kernel, dilation, padding, stride
+    n = cols.shape[0]
+    c = cols.shape[1] // (kh * kw)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wo = (wp - dw * (kw - 1) - 1) // sw + 1
+    parts = cols.reshape(n, c, kh, kw, ho, wo)
+    out = cols.new_zeros((n, c, hp, wp))
+    for i in range(kh):
+        for j in range(kw):
+            out[
+                :,
+                :,
+                i * dh : i * dh + sh * (ho - 1) + 1 : sh,
+                j * dw : j * dw + sw * (wo - 1) + 1 : sw,
+            ] += parts[:, :, i, j]
+    return out[:, :, ph : ph + h, pw : pw + w]
+
+
 #: The aten operations a party may apply to its own share (linear, data-independent).
 LOCAL_OPS: dict[str, Any] = {
     # A wrapper claims contiguous strides whatever its child's layout (an expanded or
@@ -330,8 +379,8 @@ LOCAL_OPS: dict[str, Any] = {
     "stack": aten.stack.default,
     "constant_pad_nd": aten.constant_pad_nd.default,
     "unfold": aten.unfold.default,
-    "im2col": aten.im2col.default,
-    "col2im": aten.col2im.default,
+    "im2col": im2col,
+    "col2im": col2im,
     "diagonal": aten.diagonal.default,
     "tril": aten.tril.default,
     "triu": aten.triu.default,
