@@ -209,7 +209,7 @@ def _dropout(func: Any, args: Any, kwargs: Any) -> Any:
     scaled by ``1 / (1 - p)`` (a public product)."""
     x, p = args[0], float(args[1])
     train = args[2] if len(args) > 2 else kwargs.get("train", True)
-    if not train or p == 0.0:
+    if train is False or p == 0.0:  # train=None means training, as in torch
         return x, torch.ones(tuple(x.shape), dtype=torch.bool)
     if p >= 1.0:
         return FPT(V.mul_int(child_of(x), 0), x.precision_bits, x.dtype), torch.zeros(
