@@ -221,12 +221,20 @@ def test_approximations_via_torch_ops():
     assert torch.allclose(reveal(torch.log(pos)), (x.abs() + 0.5).log().double(), atol=2e-3)
 
 
-def test_softmax_and_log_softmax():
+def test_softmax_log_softmax_and_logsumexp():
     x = torch.randn(6, 10) * 4
     a = sh(x)
     assert torch.allclose(reveal(torch.softmax(a, 1)), torch.softmax(x, 1).double(), atol=1e-3)
     assert torch.allclose(reveal(torch.softmax(a, 0)), torch.softmax(x, 0).double(), atol=1e-3)
     assert torch.allclose(reveal(F.log_softmax(a, 1)), F.log_softmax(x, 1).double(), atol=3e-3)
+    for dim, keepdim in ((1, False), (0, True)):
+        ref = torch.logsumexp(x.double(), dim, keepdim=keepdim)
+        assert torch.allclose(reveal(torch.logsumexp(a, dim, keepdim=keepdim)), ref, atol=3e-3)
+    a.requires_grad_()
+    xr = x.clone().requires_grad_()
+    torch.logsumexp(a, 1).sum().backward()
+    torch.logsumexp(xr, 1).sum().backward()
+    assert torch.allclose(reveal(a.grad), xr.grad.double(), atol=3e-3)
 
 
 def test_comparison_over_workers_and_three_parties():

@@ -180,6 +180,17 @@ def _softmax(func: Any, args: Any, kwargs: Any) -> Any:
     return A.softmax(args[0], args[1])
 
 
+@implements(aten.logsumexp)
+def _logsumexp(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    dims = args[1] if len(args) > 1 else kwargs.get("dim", [])
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if len(dims) != 1:
+        raise NotImplementedError(f"{func} over {len(dims)} dims (one at a time is supported)")
+    return A.logsumexp(x, dims[0], keepdim)
+
+
 @implements(aten._log_softmax)
 def _log_softmax(func: Any, args: Any, kwargs: Any) -> Any:
     return A.log_softmax(args[0], args[1])
