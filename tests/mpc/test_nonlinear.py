@@ -305,3 +305,34 @@ def test_grouped_conv2d_weight_gradients():
     secure(sh(x)).sum().backward()
     for p, q in zip(secure.parameters(), conv.parameters(), strict=True):
         assert torch.allclose(reveal(p.grad), q.grad.double(), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: torch.nn.ConvTranspose2d(4, 3, 3, stride=2), (2, 4, 5, 5)),
+        (
+            lambda: torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1,
+                                             groups=2),
+            (2, 4, 5, 4),
+        ),
+        (lambda: torch.nn.ConvTranspose2d(4, 2, (3, 2), stride=(1, 2), dilation=2), (1, 4, 4, 4)),
+        (lambda: torch.nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1, output_padding=1),
+         (2, 3, 7)),
+    ],
+)
+def test_transposed_convolutions_and_their_gradients(make, shape):
+    torch.manual_seed(4)
+    conv = make()
+    secure = copy.deepcopy(conv).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    x = torch.randn(shape).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    ref, got = conv(x), secure(a)
+    assert got.shape == ref.shape
+    assert torch.allclose(reveal(got), ref.double(), atol=1e-3)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=1e-3)
+    for p, q in zip(secure.parameters(), conv.parameters(), strict=True):
+        assert torch.allclose(reveal(p.grad), q.grad.double(), atol=1e-3)
