@@ -184,6 +184,7 @@ APPROX = {
     "exp_low": (A.exp, torch.exp, (-384.0, -20.0), _abs, 3e-5),
     "sigmoid": (A.sigmoid, torch.sigmoid, (-384.0, 384.0), _abs, 1e-4),
     "tanh": (A.tanh, torch.tanh, (-192.0, 192.0), _abs, 2e-4),
+    "erf": (A.erf, torch.erf, (-12.0, 12.0), _abs, 6e-4),
     "reciprocal": (
         lambda t: A.reciprocal(t, positive=True),
         torch.reciprocal,

@@ -100,6 +100,7 @@ implements(aten.log)(_unary(A.log))
 implements(aten.reciprocal)(_unary(A.reciprocal))
 implements(aten.sqrt)(_unary(A.sqrt))
 implements(aten.rsqrt)(_unary(A.rsqrt))
+implements(aten.erf)(_unary(A.erf))  # exact GELU runs as torch's decomposition over it
 
 
 @implements(aten.expm1)
