@@ -267,3 +267,63 @@ def test_exact_gelu_gradient():
     a = sh(x).requires_grad_()
     F.gelu(a).sum().backward()  # gelu_backward runs as its decomposition: erf and exp
     assert torch.allclose(reveal(a.grad), ref.grad.double(), atol=2e-3)
+
+
+LOSSES = [
+    ("cross_entropy_weighted", lambda x, t: F.cross_entropy(x, t, weight=CLASS_WEIGHTS)),
+    (
+        "cross_entropy_weighted_sum",
+        lambda x, t: F.cross_entropy(x, t, weight=CLASS_WEIGHTS, reduction="sum"),
+    ),
+    ("cross_entropy_smoothed", lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1)),
+    (
+        "bce_with_logits",
+        lambda x, t: F.binary_cross_entropy_with_logits(x, F.one_hot(t, 5).float()),
+    ),
+    ("cosine_embedding", lambda x, t: F.cosine_similarity(x, x.flip(0)).sum()),
+]
+CLASS_WEIGHTS = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.25])
+
+
+@pytest.mark.parametrize("name,loss", LOSSES, ids=[n for n, _ in LOSSES])
+def test_losses_and_their_gradients_match_plaintext(name, loss):
+    torch.manual_seed(5)
+    x, t = torch.randn(6, 5) * 2, torch.tensor([0, 1, 2, 3, 4, 1])
+    ref = x.clone().requires_grad_()
+    expected = loss(ref, t)
+    expected.backward()
+    a = sh(x).requires_grad_()
+    got = loss(a, t)
+    got.backward()
+    assert torch.allclose(reveal(got), expected.double(), atol=3e-3), name
+    assert torch.allclose(reveal(a.grad), ref.grad.double(), atol=3e-3), name
+
+
+def test_gru_and_in_place_activations():
+    torch.manual_seed(6)
+    gru = nn.GRU(4, 3, batch_first=True)  # its cells run sigmoid_ and tanh_ in place
+    secure = copy.deepcopy(gru).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    x = torch.randn(2, 5, 4)
+    gru(x)[0].sum().backward()
+    out = secure(sh(x))[0]
+    assert torch.allclose(reveal(out), gru(x)[0].double(), atol=3e-3)
+    out.sum().backward()
+    for p, q in zip(secure.parameters(), gru.parameters(), strict=True):
+        assert torch.allclose(reveal(p.grad), q.grad.double(), atol=5e-3)
+    y = torch.linspace(-3, 3, 7)
+    a = sh(y)
+    a.sigmoid_()
+    assert torch.allclose(reveal(a), torch.sigmoid(y).double(), atol=1e-3)
+    b = sh(y)
+    b.clamp_min_(0.5)
+    assert torch.allclose(reveal(b), y.clamp_min(0.5).double(), atol=0)
+
+
+def test_masked_fill_with_public_and_secret_masks():
+    torch.manual_seed(7)
+    x = torch.round(torch.randn(3, 4) * 2**16) / 2**16
+    mask = torch.rand(3, 4) > 0.5
+    assert torch.equal(reveal(sh(x).masked_fill(mask, 2.5)), x.masked_fill(mask, 2.5).double())
+    a = sh(x)
+    a.masked_fill_(sh(x) > 0, -1.0)
+    assert torch.equal(reveal(a), x.masked_fill(x > 0, -1.0).double())

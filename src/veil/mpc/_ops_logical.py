@@ -117,4 +117,15 @@ def _where(func: Any, args: Any, kwargs: Any) -> Any:
     return FPT(V.select(c, cx, cy), f, dtype)
 
 
+@implements(aten.masked_fill, aten.masked_fill_)
+def _masked_fill(func: Any, args: Any, kwargs: Any) -> Any:
+    """``x.masked_fill(mask, value) = where(mask, value, x)``: local for a public mask, one
+    product for a secret one."""
+    x, mask, value = args[0], args[1], args[2]
+    if isinstance(value, torch.Tensor) and type(value) is not FPT and value.dim() == 0:
+        value = value.item()
+    out = _where(aten.where.self, (mask, value, x), {})
+    return _inplace(out, x) if func.overloadpacket is aten.masked_fill_ else out
+
+
 __all__ = ["logical"]

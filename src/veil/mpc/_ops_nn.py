@@ -103,6 +103,41 @@ implements(aten.rsqrt)(_unary(A.rsqrt))
 implements(aten.erf)(_unary(A.erf))  # exact GELU runs as torch's decomposition over it
 
 
+def _unary_(fn: Any) -> Any:
+    """The in-place form (``sigmoid_``: GRU cells use it)."""
+
+    def handler(func: Any, args: Any, kwargs: Any) -> Any:
+        return _inplace(fn(args[0]), args[0])
+
+    return handler
+
+
+for _fn, _op in (
+    (A.sigmoid, aten.sigmoid_),
+    (A.tanh, aten.tanh_),
+    (A.exp, aten.exp_),
+    (A.log, aten.log_),
+    (A.reciprocal, aten.reciprocal_),
+    (A.sqrt, aten.sqrt_),
+    (A.rsqrt, aten.rsqrt_),
+    (A.erf, aten.erf_),
+):
+    implements(_op)(_unary_(_fn))
+
+
+@implements(aten.log_sigmoid)
+def _log_sigmoid(func: Any, args: Any, kwargs: Any) -> Any:
+    """``log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|))``: ``exp`` on [-384, 0] and ``log``
+    on [1, 2], so any ``|x| <= 384`` (BCE with logits decomposes into it); absolute error
+    below 1e-3."""
+    x = args[0]
+    r = relu(x)  # max(x, 0); min(x, 0) = x - max(x, 0)
+    neg_abs = _binary_add(_binary_add(r, r, 1, False), x, 1, True)  # -|x| = x - 2 max(x, 0)
+    neg_abs = FPT(V.neg(child_of(neg_abs)), x.precision_bits, x.dtype)
+    soft = A.log(_binary_add(A.exp(neg_abs), 1.0, 1, False))
+    return _binary_add(_binary_add(x, r, 1, True), soft, 1, True)
+
+
 @implements(aten.expm1)
 def _expm1(func: Any, args: Any, kwargs: Any) -> Any:
     """``exp(x) - 1`` (elu, celu): the accuracy of :func:`~veil.mpc.approximations.exp`."""
@@ -155,10 +190,17 @@ def _maximum(func: Any, args: Any, kwargs: Any) -> Any:
     return FPT(V.select(s, cb, ca), f, dtype)
 
 
-@implements(aten.clamp, aten.clamp_min, aten.clamp_max)
+_CLAMP_OUT = {
+    aten.clamp_: aten.clamp,
+    aten.clamp_min_: aten.clamp_min,
+    aten.clamp_max_: aten.clamp_max,
+}
+
+
+@implements(aten.clamp, aten.clamp_min, aten.clamp_max, *_CLAMP_OUT)
 def _clamp(func: Any, args: Any, kwargs: Any) -> Any:
     x = args[0]
-    packet = func.overloadpacket
+    packet = _CLAMP_OUT.get(func.overloadpacket, func.overloadpacket)
     lo = args[1] if packet in (aten.clamp, aten.clamp_min) and len(args) > 1 else kwargs.get("min")
     hi = (
         (args[2] if len(args) > 2 else kwargs.get("max"))
@@ -170,7 +212,7 @@ def _clamp(func: Any, args: Any, kwargs: Any) -> Any:
         out = _maximum(aten.maximum.default, (out, lo), {})
     if hi is not None:
         out = _maximum(aten.minimum.default, (out, hi), {})
-    return out
+    return _inplace(out, x) if func.overloadpacket in _CLAMP_OUT else out
 
 
 # ---------------------------------------------------------------------- softmax family
@@ -706,27 +748,40 @@ def _mse_loss_backward(func: Any, args: Any, kwargs: Any) -> Any:
 @implements(aten.nll_loss_forward)
 def _nll_loss_forward(func: Any, args: Any, kwargs: Any) -> Any:
     x, target, weight, reduction, ignore_index = args
-    if weight is not None or x.dim() != 2 or type(target) is not torch.Tensor:
-        raise NotImplementedError(f"{func}: only 2-D inputs, public class targets, no weights")
+    if x.dim() != 2 or type(target) is not torch.Tensor or type(weight) is FPT:
+        raise NotImplementedError(
+            f"{func}: only 2-D inputs, public class targets and public class weights"
+        )
     valid = target != ignore_index
     rows = torch.arange(x.shape[0])[valid]
     picked = V.shape_op(child_of(x), "index", [rows, target[valid]])
-    total = V.neg(V.shape_op(picked, "sum", [0], False))
-    count = int(valid.sum())
+    f = x.precision_bits
+    if weight is None:
+        total = V.neg(V.shape_op(picked, "sum", [0], False))
+        count = float(valid.sum())
+    else:  # public class weights: -sum w[y] x[y] / sum w[y], the weights in 24 bits
+        w = weight.double()[target[valid]]
+        m = torch.round(w * 2.0**24).to(torch.int64)
+        total = V.truncate(V.neg(V.shape_op(V.mul_int(picked, m), "sum", [0], False)), 24)
+        count = float(w.sum())
     if reduction == _MEAN:
-        total = scale(total, 1.0 / max(count, 1))
+        total = scale(total, 1.0 / count) if count else V.mul_int(total, 0)
     elif reduction != _SUM:
+        if weight is not None:
+            raise NotImplementedError(f"{func}: class weights with reduction='none'")
         full = V.neg(
             V.shape_op(child_of(x), "index", [torch.arange(x.shape[0]), target.clamp(min=0)])
         )
         full = V.mul_int(full, valid.to(torch.int64))
-        return FPT(full, x.precision_bits, x.dtype), torch.tensor(0.0)
-    return FPT(total, x.precision_bits, x.dtype), torch.tensor(float(count))
+        return FPT(full, f, x.dtype), torch.tensor(0.0)
+    return FPT(total, f, x.dtype), torch.tensor(count)
 
 
 @implements(aten.nll_loss_backward)
 def _nll_loss_backward(func: Any, args: Any, kwargs: Any) -> Any:
-    grad, x, target, _, reduction, ignore_index, _ = args
+    grad, x, target, weight, reduction, ignore_index, _ = args
+    if weight is not None:
+        return _weighted_nll_backward(grad, x, target, weight, reduction, ignore_index)
     valid = (target != ignore_index).to(torch.int64)
     onehot = torch.zeros(tuple(x.shape), dtype=torch.int64)
     onehot[torch.arange(x.shape[0]), target.clamp(min=0)] = 1
@@ -746,6 +801,27 @@ def _nll_loss_backward(func: Any, args: Any, kwargs: Any) -> Any:
         gg = V.shape_op(child_of(grad), "unsqueeze", 1)
     gg = V.shape_op(gg, "expand", list(x.shape))
     return FPT(V.mul_int(gg, onehot), grad.precision_bits, grad.dtype)
+
+
+def _weighted_nll_backward(
+    grad: Any, x: Any, target: torch.Tensor, weight: torch.Tensor, reduction: int, ignore: int
+) -> FixedPrecisionTensor:
+    """NLL's input gradient with public class weights: ``-w[y] g`` at each target (divided
+    by the total weight for the mean), the public coefficients kept with 24 bits."""
+    if reduction not in (_MEAN, _SUM):
+        raise NotImplementedError("nll_loss_backward: class weights with reduction='none'")
+    valid = target != ignore
+    per_row = weight.double()[target.clamp(min=0)] * valid
+    total = float(per_row.sum()) if reduction == _MEAN else 1.0
+    coeff = torch.zeros(tuple(x.shape), dtype=torch.float64)
+    coeff[torch.arange(x.shape[0]), target.clamp(min=0)] = -per_row / (total or 1.0)
+    f = x.precision_bits
+    g = _public_scalar(grad)
+    if g is not None:
+        return FPT(torch.round(coeff * g * 2.0**f).to(torch.int64), f, x.dtype)
+    gg = V.shape_op(child_of(grad), "expand", list(x.shape))
+    m = torch.round(coeff * 2.0**24).to(torch.int64)
+    return FPT(V.truncate(V.mul_int(gg, m), 24), grad.precision_bits, grad.dtype)
 
 
 __all__ = ["SecretIndices", "bilinear", "relu"]
