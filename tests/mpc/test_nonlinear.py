@@ -148,24 +148,6 @@ def test_max_pool1d_and_its_gradient(args):
     assert torch.allclose(reveal(a.grad), x.grad.double(), atol=2 * ULP)
 
 
-@pytest.mark.parametrize("kw", [{"padding": 1}, {"stride": 2, "dilation": 2}, {"groups": 3}])
-def test_conv1d_and_its_gradients(kw):
-    """Also grouped (here depthwise-like): weight gradients one product per group."""
-    torch.manual_seed(2)
-    conv = torch.nn.Conv1d(3, 6, 3, **kw)
-    secure = copy.deepcopy(conv).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
-    x = torch.randn(2, 3, 10).requires_grad_()
-    a = sh(x.detach()).requires_grad_()
-    ref, got = conv(x), secure(a)
-    assert torch.allclose(reveal(got), ref.double(), atol=1e-3)
-    g = torch.randn(ref.shape)
-    ref.backward(g)
-    got.backward(sh(g))
-    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=1e-3)
-    for p, q in zip(secure.parameters(), conv.parameters(), strict=True):
-        assert torch.allclose(reveal(p.grad), q.grad.double(), atol=1e-3)
-
-
 # Each approximation: (function, reference, domain, error metric, bound), as stated in the
 # docstrings of veil.mpc.approximations.
 def _abs(got, ref):
@@ -297,32 +279,36 @@ def test_amax_gradient_splits_ties_like_torch():
     assert torch.allclose(reveal(a.grad), ref_x.grad.double(), atol=1e-4)
 
 
-def test_grouped_conv2d_weight_gradients():
-    torch.manual_seed(3)
-    conv = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
-    secure = copy.deepcopy(conv).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
-    x = torch.randn(2, 4, 5, 5)
-    conv(x).sum().backward()
-    secure(sh(x)).sum().backward()
-    for p, q in zip(secure.parameters(), conv.parameters(), strict=True):
-        assert torch.allclose(reveal(p.grad), q.grad.double(), atol=1e-3)
-
-
-@pytest.mark.parametrize(
-    "make,shape",
-    [
-        (lambda: torch.nn.ConvTranspose2d(4, 3, 3, stride=2), (2, 4, 5, 5)),
-        (
-            lambda: torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1,
-                                             groups=2),
-            (2, 4, 5, 4),
+#: Convolutions beyond plain 2-D ones, each with input, weight and bias gradients.
+CONVOLUTIONS = [
+    ("conv1d_padded", lambda: torch.nn.Conv1d(3, 6, 3, padding=1), (2, 3, 10)),
+    ("conv1d_strided", lambda: torch.nn.Conv1d(3, 6, 3, stride=2, dilation=2), (2, 3, 10)),
+    ("conv1d_grouped", lambda: torch.nn.Conv1d(3, 6, 3, groups=3), (2, 3, 10)),
+    ("conv2d_grouped", lambda: torch.nn.Conv2d(4, 6, 3, padding=1, groups=2), (2, 4, 5, 5)),
+    ("transposed", lambda: torch.nn.ConvTranspose2d(4, 3, 3, stride=2), (2, 4, 5, 5)),
+    (
+        "transposed_grouped",
+        lambda: torch.nn.ConvTranspose2d(
+            4, 6, 3, stride=2, padding=1, output_padding=1, groups=2
         ),
-        (lambda: torch.nn.ConvTranspose2d(4, 2, (3, 2), stride=(1, 2), dilation=2), (1, 4, 4, 4)),
-        (lambda: torch.nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1, output_padding=1),
-         (2, 3, 7)),
-    ],
-)
-def test_transposed_convolutions_and_their_gradients(make, shape):
+        (2, 4, 5, 4),
+    ),
+    (
+        "transposed_dilated",
+        lambda: torch.nn.ConvTranspose2d(4, 2, (3, 2), stride=(1, 2), dilation=2),
+        (1, 4, 4, 4),
+    ),
+    (
+        "transposed_1d",
+        lambda: torch.nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1, output_padding=1),
+        (2, 3, 7),
+    ),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", CONVOLUTIONS, ids=[c[0] for c in CONVOLUTIONS])
+def test_convolutions_and_their_gradients(name, make, shape):
+    """Grouped ones take one weight-gradient product per group (one round)."""
     torch.manual_seed(4)
     conv = make()
     secure = copy.deepcopy(conv).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
