@@ -264,7 +264,8 @@ def _dropout(func: Any, args: Any, kwargs: Any) -> Any:
     x, p = args[0], float(args[1])
     train = args[2] if len(args) > 2 else kwargs.get("train", True)
     if train is False or p == 0.0:  # train=None means training, as in torch
-        return x, torch.ones(tuple(x.shape), dtype=torch.bool)
+        kept = torch.ones(tuple(x.shape), dtype=torch.bool)
+        return FPT(child_of(x), x.precision_bits, x.dtype), kept  # a new tensor, as torch
     if p >= 1.0:
         return FPT(V.mul_int(child_of(x), 0), x.precision_bits, x.dtype), torch.zeros(
             tuple(x.shape), dtype=torch.bool
