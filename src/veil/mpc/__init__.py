@@ -23,6 +23,7 @@ from veil.mpc import (
     _ops_logical,
     _ops_nn,
     _ops_shared,
+    _ops_sort,
     _ops_stats,
     approximations,
     limbs,
@@ -39,7 +40,7 @@ from veil.mpc.fixed import FixedPrecisionTensor, fix_precision
 from veil.mpc.sharing import AdditiveSharingTensor, reconstruct, refresh, share
 
 _methods.install()
-del _ops_attention, _ops_fixed, _ops_logical, _ops_nn, _ops_shared, _ops_stats
+del _ops_attention, _ops_fixed, _ops_logical, _ops_nn, _ops_shared, _ops_sort, _ops_stats
 
 
 def stats() -> Stats:

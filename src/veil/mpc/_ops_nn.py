@@ -311,11 +311,16 @@ def _max_dim(func: Any, args: Any, kwargs: Any) -> Any:
 @implements(aten.scatter.src)
 def _scatter(func: Any, args: Any, kwargs: Any) -> Any:
     """``base.scatter(dim, index, src)`` where ``index`` are the secret positions of a
-    ``max``/``min`` over ``dim`` (what autograd does to route their gradient): the one-hot
+    ``max``/``min`` over ``dim`` or of a sort (what autograd does to route their gradient;
+    see :mod:`veil.mpc._ops_sort` for the latter): the one-hot
     of the positions times ``src``, plus ``base`` where the one-hot is 0. One product (or
     two when ``base`` is not public zeros), no position revealed."""
     base, dim, index, src = args
     cache = getattr(index, "cache", None) if type(index) is FPT else None
+    if cache and "perm" in cache and type(src) is FPT and type(base) is FPT:
+        from veil.mpc._ops_sort import scatter_through_permutation
+
+        return scatter_through_permutation(base, dim, index, src)
     onehot = cache.get("onehot") if cache else None
     if onehot is None or type(src) is not FPT or type(base) is not FPT:
         raise NotImplementedError(
