@@ -16,18 +16,9 @@ Parties may also be plain names (``.share("p0", "p1", crypto_provider="dealer")`
 shares are then local tensors, an in-process simulation of the same protocols.
 """
 
-from veil.mpc import (
-    _methods,
-    _ops_attention,
-    _ops_fixed,
-    _ops_logical,
-    _ops_nn,
-    _ops_shared,
-    _ops_sort,
-    _ops_stats,
-    approximations,
-    limbs,
-)
+import importlib
+
+from veil.mpc import _methods, approximations, limbs
 from veil.mpc._module import (
     fix_precision_module,
     float_precision_module,
@@ -39,8 +30,24 @@ from veil.mpc.encoding import DEFAULT_PRECISION, decode, encode
 from veil.mpc.fixed import FixedPrecisionTensor, fix_precision
 from veil.mpc.sharing import AdditiveSharingTensor, reconstruct, refresh, share
 
+#: The modules whose aten handlers register themselves (``@OPS.implements``) on import.
+_HANDLERS = (
+    "_ops_fixed",
+    "_ops_shared",
+    "_ops_logical",
+    "_ops_nn",
+    "_ops_conv",
+    "_ops_pool",
+    "_ops_losses",
+    "_ops_stats",
+    "_ops_sort",
+    "_ops_attention",
+)
+for _name in _HANDLERS:
+    importlib.import_module(f"veil.mpc.{_name}")
+del _name
+
 _methods.install()
-del _ops_attention, _ops_fixed, _ops_logical, _ops_nn, _ops_shared, _ops_sort, _ops_stats
 
 
 def stats() -> Stats:
