@@ -359,3 +359,27 @@ def test_sort_breaks_ties_by_position_like_a_stable_sort():
         assert torch.equal(indices.get().float_precision(), ref.indices)
     with pytest.raises(ValueError, match="k=6"):
         torch.topk(sh(x), 6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(shaped_tensors(max_dims=3, max_side=5, bound=100.0), st.data())
+def test_median_kthvalue_and_their_gradients(x, data):
+    dim = data.draw(st.integers(-x.dim(), x.dim() - 1))
+    k = data.draw(st.integers(1, x.shape[dim]))
+    keepdim = data.draw(st.booleans())
+    x = x + torch.arange(x.numel()).reshape(x.shape) * 1e-3  # distinct: unique indices
+    for op in (
+        lambda t: torch.median(t, dim, keepdim=keepdim),
+        lambda t: torch.kthvalue(t, k, dim, keepdim=keepdim),
+    ):
+        ref_x = x.clone().requires_grad_()
+        ref_values, ref_indices = op(ref_x)
+        a = sh(x).requires_grad_()
+        values, indices = op(a)
+        assert torch.allclose(reveal(values), ref_values.double(), atol=ULP)
+        assert torch.equal(indices.get().float_precision(), ref_indices)
+        g = torch.randn(ref_values.shape)
+        ref_values.backward(g)
+        values.backward(sh(g))
+        assert torch.allclose(reveal(a.grad), ref_x.grad.double(), atol=2 * ULP)
+    assert torch.allclose(reveal(torch.median(sh(x))), torch.median(x).double(), atol=ULP)

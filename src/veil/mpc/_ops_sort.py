@@ -1,4 +1,5 @@
-"""Sorting shared values: ``torch.sort``, ``torch.topk`` (and ``argsort``), with gradients.
+"""Sorting shared values: ``torch.sort``, ``topk``, ``argsort``, ``kthvalue`` and
+``median`` (the lower one, as torch), with gradients.
 
 Protocol, along the sorted dim of ``n`` values ``a`` (sorting ``-a`` for descending order):
 
@@ -8,7 +9,8 @@ Protocol, along the sorted dim of ``n`` values ``a`` (sorting ``-a`` for descend
 2. **Permutation.** One more batched comparison, of ``rank_i - r`` for ``r = 0..n``, gives
    the secret permutation matrix ``P[r, i] = [rank_i >= r] - [rank_i >= r + 1]``.
 3. **Values and indices.** ``sorted = P a`` (one product), ``indices = P (0, 1, ..., n-1)``
-   (local: the positions are public). ``topk`` keeps the first ``k`` rows of ``P``.
+   (local: the positions are public). ``topk`` keeps the first ``k`` rows of ``P``,
+   ``kthvalue`` and ``median`` one row.
 4. **Gradient.** ``sort``/``topk``'s backward scatters the output gradient through the
    indices; veil does it as ``P^T g`` (one product), so no position is revealed.
 
@@ -94,6 +96,51 @@ def _topk(func: Any, args: Any, kwargs: Any) -> Any:
     if not 0 <= k <= size:
         raise ValueError(f"topk: k={k} out of range for a dim of size {size}")
     return _sorted(x, dim, bool(largest), k)
+
+
+def _kth(x: FixedPrecisionTensor, k: int, dim: int, keepdim: bool) -> Any:
+    """The ``k``-th smallest value (1-based) along ``dim`` and its secret index."""
+    dim = dim % x.dim() if x.dim() else 0
+    size = x.shape[dim] if x.dim() else 1
+    if not 1 <= k <= size:
+        raise ValueError(f"kthvalue: k={k} out of range for a dim of size {size}")
+    values, indices = _sorted(x, dim, False, k)
+    row = V.shape_op(indices.cache["perm"], "slice", -2, k - 1, k, 1)  # (..., 1, n)
+    value = V.shape_op(child_of(values), "slice", dim, k - 1, k, 1)
+    index = V.shape_op(child_of(indices), "slice", dim, k - 1, k, 1)
+    if not keepdim:
+        value = V.shape_op(value, "squeeze.dim", dim)
+        index = V.shape_op(index, "squeeze.dim", dim)
+    out = FPT(value, x.precision_bits, x.dtype)
+    idx = FPT(index, 0, torch.int64)
+    # "dim": autograd's unsqueeze of the indices keeps this (see _ops_fixed)
+    idx.cache = {"perm": row, "perm_dim": dim, "dim": dim}
+    return out, idx
+
+
+@implements(aten.kthvalue)
+def _kthvalue(func: Any, args: Any, kwargs: Any) -> Any:
+    x, k = args[0], int(args[1])
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+    keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+    return _kth(x, k, dim, bool(keepdim))
+
+
+@implements(aten.median.dim)
+def _median_dim(func: Any, args: Any, kwargs: Any) -> Any:
+    """The lower median, as torch: the ``(n + 1) // 2``-th smallest value."""
+    x, dim = args[0], args[1]
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    n = x.shape[dim] if x.dim() else 1
+    return _kth(x, (n + 1) // 2, dim, bool(keepdim))
+
+
+@implements(aten.median.default)
+def _median(func: Any, args: Any, kwargs: Any) -> Any:
+    x = args[0]
+    flat = FPT(V.shape_op(child_of(x), "reshape", [-1]), x.precision_bits, x.dtype)
+    value, _ = _kth(flat, (flat.shape[0] + 1) // 2, 0, False)
+    return value
 
 
 def scatter_through_permutation(base: Any, dim: int, index: Any, src: Any) -> Any:
