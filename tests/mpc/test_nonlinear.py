@@ -326,6 +326,21 @@ def test_convolutions_and_their_gradients(name, make, shape):
         assert torch.allclose(reveal(p.grad), q.grad.double(), atol=1e-3)
 
 
+def _selects_like_torch(x: torch.Tensor, op) -> None:
+    """``op`` (values, indices) on shared ``x``: the same values and indices as in plaintext,
+    and the same gradient through the secret indices."""
+    ref_x = x.clone().requires_grad_()
+    ref_values, ref_indices = op(ref_x)
+    a = sh(x).requires_grad_()
+    values, indices = op(a)
+    assert torch.allclose(reveal(values), ref_values.double(), atol=ULP)
+    assert torch.equal(indices.get().float_precision(), ref_indices)
+    g = torch.randn(ref_values.shape)
+    ref_values.backward(g)
+    values.backward(sh(g))
+    assert torch.allclose(reveal(a.grad), ref_x.grad.double(), atol=2 * ULP)
+
+
 @settings(max_examples=15, deadline=None)
 @given(shaped_tensors(max_dims=3, max_side=5, bound=100.0), st.data())
 def test_sort_topk_and_their_gradients(x, data):
@@ -333,20 +348,8 @@ def test_sort_topk_and_their_gradients(x, data):
     descending = data.draw(st.booleans())
     k = data.draw(st.integers(0, x.shape[dim]))
     x = x + torch.arange(x.numel()).reshape(x.shape) * 1e-3  # distinct: unique indices
-    for op in (
-        lambda t: torch.sort(t, dim, descending=descending),
-        lambda t: torch.topk(t, k, dim, largest=descending),
-    ):
-        ref_x = x.clone().requires_grad_()
-        ref_values, ref_indices = op(ref_x)
-        a = sh(x).requires_grad_()
-        values, indices = op(a)
-        assert torch.allclose(reveal(values), ref_values.double(), atol=ULP)
-        assert torch.equal(indices.get().float_precision(), ref_indices)
-        g = torch.randn(ref_values.shape)
-        ref_values.backward(g)
-        values.backward(sh(g))
-        assert torch.allclose(reveal(a.grad), ref_x.grad.double(), atol=2 * ULP)
+    _selects_like_torch(x, lambda t: torch.sort(t, dim, descending=descending))
+    _selects_like_torch(x, lambda t: torch.topk(t, k, dim, largest=descending))
     assert torch.equal(torch.argsort(sh(x), dim).get().float_precision(), torch.argsort(x, dim))
 
 
@@ -368,18 +371,6 @@ def test_median_kthvalue_and_their_gradients(x, data):
     k = data.draw(st.integers(1, x.shape[dim]))
     keepdim = data.draw(st.booleans())
     x = x + torch.arange(x.numel()).reshape(x.shape) * 1e-3  # distinct: unique indices
-    for op in (
-        lambda t: torch.median(t, dim, keepdim=keepdim),
-        lambda t: torch.kthvalue(t, k, dim, keepdim=keepdim),
-    ):
-        ref_x = x.clone().requires_grad_()
-        ref_values, ref_indices = op(ref_x)
-        a = sh(x).requires_grad_()
-        values, indices = op(a)
-        assert torch.allclose(reveal(values), ref_values.double(), atol=ULP)
-        assert torch.equal(indices.get().float_precision(), ref_indices)
-        g = torch.randn(ref_values.shape)
-        ref_values.backward(g)
-        values.backward(sh(g))
-        assert torch.allclose(reveal(a.grad), ref_x.grad.double(), atol=2 * ULP)
+    _selects_like_torch(x, lambda t: torch.median(t, dim, keepdim=keepdim))
+    _selects_like_torch(x, lambda t: torch.kthvalue(t, k, dim, keepdim=keepdim))
     assert torch.allclose(reveal(torch.median(sh(x))), torch.median(x).double(), atol=ULP)

@@ -16,9 +16,23 @@ Parties may also be plain names (``.share("p0", "p1", crypto_provider="dealer")`
 shares are then local tensors, an in-process simulation of the same protocols.
 """
 
-import importlib
-
-from veil.mpc import _methods, approximations, limbs
+# The _ops_* modules register their aten handlers (``@OPS.implements``) when imported; their
+# names stay private (``__all__`` is the public surface).
+from veil.mpc import (  # noqa: F401
+    _methods,
+    _ops_attention,
+    _ops_conv,
+    _ops_fixed,
+    _ops_logical,
+    _ops_losses,
+    _ops_nn,
+    _ops_pool,
+    _ops_shared,
+    _ops_sort,
+    _ops_stats,
+    approximations,
+    limbs,
+)
 from veil.mpc._module import (
     fix_precision_module,
     float_precision_module,
@@ -29,23 +43,6 @@ from veil.mpc._runtime import STATS, Context, Stats, context
 from veil.mpc.encoding import DEFAULT_PRECISION, decode, encode
 from veil.mpc.fixed import FixedPrecisionTensor, fix_precision
 from veil.mpc.sharing import AdditiveSharingTensor, reconstruct, refresh, share
-
-#: The modules whose aten handlers register themselves (``@OPS.implements``) on import.
-_HANDLERS = (
-    "_ops_fixed",
-    "_ops_shared",
-    "_ops_logical",
-    "_ops_nn",
-    "_ops_conv",
-    "_ops_pool",
-    "_ops_losses",
-    "_ops_stats",
-    "_ops_sort",
-    "_ops_attention",
-)
-for _name in _HANDLERS:
-    importlib.import_module(f"veil.mpc.{_name}")
-del _name
 
 _methods.install()
 
