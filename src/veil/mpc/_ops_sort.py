@@ -3,7 +3,7 @@
 
 Protocol, along the sorted dim of ``n`` values ``a`` (sorting ``-a`` for descending order):
 
-1. **Ranks.** One batched comparison of all ``n (n - 1)`` differences gives
+1. **Ranks.** One batched comparison of all ``n^2`` differences ``a_i - a_j`` gives
    ``rank_i = #{j < i: a_j <= a_i} + #{j > i: a_j < a_i}``: a value's position in the
    sorted order, ties broken by index (so every rank is distinct).
 2. **Permutation.** One more batched comparison, of ``rank_i - r`` for ``r = 0..n``, gives
@@ -38,8 +38,8 @@ def permutation(a: Any) -> Any:
     """The secret 0/1 matrix ``P[..., r, i]`` (ring values) sorting ``a[..., i]`` ascending."""
     n = a.shape[-1]
     diff = V.sub(V.shape_op(a, "unsqueeze", -1), V.shape_op(a, "unsqueeze", -2))  # a_i - a_j
-    both = V.sign(V.cat([diff, V.neg(diff)], "stack", 0))  # [a_i >= a_j], [a_j >= a_i]
-    ge, le = V.shape_op(both, "select", 0, 0), V.shape_op(both, "select", 0, 1)
+    ge = V.sign(diff)  # [a_i >= a_j]
+    le = V.shape_op(ge, "transpose", -2, -1)  # [a_j >= a_i]: the same comparisons
     below = torch.ones(n, n, dtype=torch.int64).tril(-1)  # j < i: count a_j <= a_i
     above = torch.ones(n, n, dtype=torch.int64).triu(1)  # j > i: count a_j < a_i
     counted = V.add(V.mul_int(ge, below), V.sub(above, V.mul_int(le, above)))
@@ -56,7 +56,7 @@ def _sorted(x: FixedPrecisionTensor, dim: int, descending: bool, k: int | None) 
     dim = dim % x.dim() if x.dim() else 0
     child = child_of(x)
     if x.dim() == 0:
-        return x, FPT(V.mul_int(child, 0), 0, torch.int64)
+        return FPT(child, x.precision_bits, x.dtype), FPT(V.mul_int(child, 0), 0, torch.int64)
     last = V.shape_op(child, "transpose", dim, -1) if dim != x.dim() - 1 else child
     n = last.shape[-1]
     perm = permutation(V.neg(last) if descending else last)
