@@ -431,10 +431,14 @@ def _sub_(func: Any, args: Any, kwargs: Any) -> Any:
     return _inplace(_binary_add(args[0], args[1], kwargs.get("alpha", 1), True), args[0])
 
 
+def negate(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """``-x`` (local: every party negates its share)."""
+    return FPT(V.neg(child_of(x)), x.precision_bits, x.dtype)
+
+
 @implements(aten.neg)
 def _neg(func: Any, args: Any, kwargs: Any) -> Any:
-    x = args[0]
-    return FPT(V.neg(child_of(x)), x.precision_bits, x.dtype)
+    return negate(args[0])
 
 
 def multiply(a: Any, b: Any) -> FixedPrecisionTensor:
@@ -624,13 +628,18 @@ def _sum(func: Any, args: Any, kwargs: Any) -> Any:
     return reduce_sum(args[0])
 
 
+def count(x: Any, dims: list[int]) -> int:
+    """How many values of ``x`` a reduction over ``dims`` combines."""
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n
+
+
 def mean(x: FixedPrecisionTensor, dim: Any = None, keepdim: bool = False) -> Any:
     dims = _dims(x, dim)
-    count = 1
-    for d in dims:
-        count *= x.shape[d]
     total = reduce_sum(x, dims, keepdim)
-    return FPT(scale(total.child, 1.0 / count), x.precision_bits, x.dtype)
+    return FPT(scale(total.child, 1.0 / count(x, dims)), x.precision_bits, x.dtype)
 
 
 @implements(aten.mean.dim)
@@ -680,11 +689,13 @@ for _cmp in ("ge", "gt", "le", "lt", "eq", "ne"):
 
 __all__ = [
     "compare",
+    "count",
     "divide",
     "fixed_pair",
     "matmul",
     "mean",
     "multiply",
+    "negate",
     "power",
     "reduce_sum",
     "scale",

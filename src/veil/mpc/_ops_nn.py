@@ -132,11 +132,11 @@ def _log_sigmoid(func: Any, args: Any, kwargs: Any) -> Any:
     on [1, 2], so any ``|x| <= 384`` (BCE with logits decomposes into it); absolute error
     below 1e-3."""
     x = args[0]
-    r = relu(x)  # max(x, 0); min(x, 0) = x - max(x, 0)
-    neg_abs = _binary_add(_binary_add(r, r, 1, False), x, 1, True)  # -|x| = x - 2 max(x, 0)
-    neg_abs = FPT(V.neg(child_of(neg_abs)), x.precision_bits, x.dtype)
+    r = relu(x)  # max(x, 0)
+    low = _binary_add(x, r, 1, True)  # min(x, 0) = x - max(x, 0)
+    neg_abs = _binary_add(low, r, 1, True)  # -|x| = min(x, 0) - max(x, 0)
     soft = A.log(_binary_add(A.exp(neg_abs), 1.0, 1, False))
-    return _binary_add(_binary_add(x, r, 1, True), soft, 1, True)
+    return _binary_add(low, soft, 1, True)
 
 
 @implements(aten.expm1)

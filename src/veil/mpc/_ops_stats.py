@@ -15,7 +15,17 @@ import torch
 
 from veil.mpc import _values as V
 from veil.mpc import approximations as A
-from veil.mpc._ops_fixed import _binary_add, _dims, child_of, mean, multiply, reduce_sum, scale
+from veil.mpc._ops_fixed import (
+    _binary_add,
+    _dims,
+    child_of,
+    count,
+    mean,
+    multiply,
+    negate,
+    reduce_sum,
+    scale,
+)
 from veil.mpc._ops_nn import _argmax, _max_all, _max_dim
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
@@ -46,17 +56,15 @@ def _correction(func: Any, args: Any, kwargs: Any) -> tuple[Any, float, bool]:
 def variance(x: FixedPrecisionTensor, dim: Any, correction: float, keepdim: bool) -> Any:
     """``sum((x - mean(x))^2) / (N - correction)`` over ``dim``, and the mean (kept dims)."""
     dims = _dims(x, dim)
-    count = 1
-    for d in dims:
-        count *= x.shape[d]
-    if count - correction <= 0:
+    n = count(x, dims)
+    if n - correction <= 0:
         raise ValueError(
-            f"variance over {count} values with correction {correction}: no degrees of freedom"
+            f"variance over {n} values with correction {correction}: no degrees of freedom"
         )
     centre = mean(x, dims, True)
     dev = _binary_add(x, centre, 1, True)
     total = reduce_sum(multiply(dev, dev), dims, keepdim)
-    var = FPT(scale(child_of(total), 1.0 / (count - correction)), x.precision_bits, x.dtype)
+    var = FPT(scale(child_of(total), 1.0 / (n - correction)), x.precision_bits, x.dtype)
     if not keepdim:
         for d in sorted((d % x.dim() for d in dims), reverse=True):
             centre = FPT(V.shape_op(child_of(centre), "squeeze.dim", d), x.precision_bits, x.dtype)
@@ -78,25 +86,21 @@ def _var_mean(func: Any, args: Any, kwargs: Any) -> Any:
     return variance(args[0], *_correction(func, args, kwargs))
 
 
-def _neg(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
-    return FPT(V.neg(child_of(x)), x.precision_bits, x.dtype)
-
-
 @implements(aten.min.dim)
 def _min_dim(func: Any, args: Any, kwargs: Any) -> Any:
-    values, index = _max_dim(aten.max.dim, (_neg(args[0]), *args[1:]), kwargs)
-    return _neg(values), index
+    values, index = _max_dim(aten.max.dim, (negate(args[0]), *args[1:]), kwargs)
+    return negate(values), index
 
 
 @implements(aten.min.default, aten.amin)
 def _min_all(func: Any, args: Any, kwargs: Any) -> Any:
     twin = aten.amax.default if func.overloadpacket is aten.amin else aten.max.default
-    return _neg(_max_all(twin, (_neg(args[0]), *args[1:]), kwargs))
+    return negate(_max_all(twin, (negate(args[0]), *args[1:]), kwargs))
 
 
 @implements(aten.argmin)
 def _argmin(func: Any, args: Any, kwargs: Any) -> Any:
-    return _argmax(aten.argmax.default, (_neg(args[0]), *args[1:]), kwargs)
+    return _argmax(aten.argmax.default, (negate(args[0]), *args[1:]), kwargs)
 
 
 __all__ = ["variance"]
