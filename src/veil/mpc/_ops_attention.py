@@ -86,11 +86,7 @@ def _weights(q: Any, k: Any, is_causal: bool, attn_mask: Any, scale_: float) -> 
     if bias is not None:
         cs, cb, f, _ = fixed_pair(scores, bias)
         scores = FPT(V.add(cs, cb), f, q.dtype)
-    m, _ = A.max_with_onehot(scores, -1)
-    e = A._exp_child(V.sub(child_of(scores), m), f)
-    if keep is not None:
-        e = V.mul_int(e, keep.to(torch.int64).expand(tuple(scores.shape)))
-    total = V.shape_op(e, "sum", [-1], True)
+    m, e, total = A.shifted_exp(scores, -1, keep)
     weights = FPT(V.product(e, A._reciprocal_positive(total, f), "mul", (), f), f, q.dtype)
     lse = A.log(FPT(total, f, q.dtype))
     lse = FPT(V.shape_op(V.add(child_of(lse), m), "squeeze.dim", -1), f, q.dtype)

@@ -320,33 +320,42 @@ def max_with_onehot(x: FixedPrecisionTensor, dim: int) -> tuple[Any, Any]:
     return values, onehot
 
 
+def shifted_exp(
+    x: FixedPrecisionTensor, dim: int, keep: torch.Tensor | None = None
+) -> tuple[Any, Any, Any]:
+    """Ring values ``(m, e, S)`` shared by the softmax family: ``m = max(x, dim)`` (kept as
+    a size-1 dim; a tournament of exact comparisons), ``e = exp(x - m)`` (every ``e`` in
+    (0, 1], the largest 1), zeroed where the public 0/1 ``keep`` is 0 (masked attention),
+    and ``S = sum(e, dim)`` in [1, k]."""
+    f = x.precision_bits
+    m, _ = max_with_onehot(x, dim)
+    e = _exp_child(V.sub(x.child, m), f)
+    if keep is not None:
+        e = V.mul_int(e, keep.to(torch.int64).expand(tuple(x.shape)))
+    return m, e, V.shape_op(e, "sum", [dim], True)
+
+
 def softmax(x: FixedPrecisionTensor, dim: int) -> FixedPrecisionTensor:
     """``softmax(x, dim)`` for differences ``x_i - max(x)`` in [-384, 0] and at most 300
     entries along ``dim``.
 
     Protocol: ``m = max(x, dim)`` (tournament of exact comparisons), ``e = exp(x - m)``
     (so every ``e`` is in (0, 1] and the largest is 1), ``S = sum(e)`` in [1, k], and
-    ``e / S`` with the reciprocal's Newton iteration.
+    ``e / S`` with the reciprocal's Newton iteration (:func:`shifted_exp`).
 
     Error (measured, f = 16): absolute error below 1e-3.
     """
     f = _check(x)
-    m, _ = max_with_onehot(x, dim)
-    e = _exp_child(V.sub(x.child, m), f)
-    total = V.shape_op(e, "sum", [dim], True)
-    inv = _reciprocal_positive(total, f)
-    return _out(x, V.product(e, inv, "mul", (), f))
+    _, e, total = shifted_exp(x, dim)
+    return _out(x, V.product(e, _reciprocal_positive(total, f), "mul", (), f))
 
 
 def log_softmax(x: FixedPrecisionTensor, dim: int) -> FixedPrecisionTensor:
     """``log_softmax(x, dim) = x - m - log(sum(exp(x - m)))``, same domain as
     :func:`softmax`; absolute error below 3e-3."""
-    _check(x)
-    m, _ = max_with_onehot(x, dim)
-    shifted = FPT(V.sub(x.child, m), x.precision_bits, x.dtype)
-    e = _exp_child(shifted.child, x.precision_bits)
-    total = FPT(V.shape_op(e, "sum", [dim], True), x.precision_bits, x.dtype)
-    return _out(x, V.sub(shifted.child, log(total).child))
+    f = _check(x)
+    m, _, total = shifted_exp(x, dim)
+    return _out(x, V.sub(V.sub(x.child, m), log(FPT(total, f, x.dtype)).child))
 
 
 def logsumexp(x: FixedPrecisionTensor, dim: int, keepdim: bool = False) -> FixedPrecisionTensor:
@@ -354,10 +363,8 @@ def logsumexp(x: FixedPrecisionTensor, dim: int, keepdim: bool = False) -> Fixed
     domain as :func:`softmax` (differences in [-384, 0]; at most 190 entries, so the sum
     stays in :func:`log`'s domain); absolute error below 3e-3."""
     f = _check(x)
-    m, _ = max_with_onehot(x, dim)
-    e = _exp_child(V.sub(x.child, m), f)
-    total = FPT(V.shape_op(e, "sum", [dim], True), f, x.dtype)
-    out = V.add(m, log(total).child)
+    m, _, total = shifted_exp(x, dim)
+    out = V.add(m, log(FPT(total, f, x.dtype)).child)
     return _out(x, out if keepdim else V.shape_op(out, "squeeze.dim", dim))
 
 
@@ -370,6 +377,7 @@ __all__ = [
     "max_with_onehot",
     "reciprocal",
     "rsqrt",
+    "shifted_exp",
     "sigmoid",
     "softmax",
     "sqrt",
