@@ -89,6 +89,22 @@ def scale(child: Any, value: float | int, plus: Any = None) -> Any:
     return V.truncate(child, s, m, plus)
 
 
+#: Fractional bits kept of public per-element factors (:func:`scale_each`), as
+#: :func:`scale` keeps about 24 significant bits of a scalar.
+FACTOR_BITS = 24
+
+
+def factor_ints(factors: torch.Tensor) -> torch.Tensor:
+    """Public real factors as integers with :data:`FACTOR_BITS` fractional bits."""
+    return torch.round(factors.double() * 2.0**FACTOR_BITS).to(torch.int64)
+
+
+def scale_each(child: Any, factors: torch.Tensor) -> Any:
+    """``child * factors`` elementwise (broadcasting) for public real ``factors``: exact
+    integer products, then one truncation by :data:`FACTOR_BITS`."""
+    return V.truncate(V.mul_int(child, factor_ints(factors)), FACTOR_BITS)
+
+
 def fpt_args(args: tuple[Any, ...]) -> FixedPrecisionTensor:
     for a in args:
         if type(a) is FPT:
@@ -688,6 +704,7 @@ for _cmp in ("ge", "gt", "le", "lt", "eq", "ne"):
 
 
 __all__ = [
+    "FACTOR_BITS",
     "compare",
     "count",
     "divide",
@@ -699,5 +716,6 @@ __all__ = [
     "power",
     "reduce_sum",
     "scale",
+    "scale_each",
     "wrap",
 ]

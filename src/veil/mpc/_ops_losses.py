@@ -9,7 +9,16 @@ from typing import Any
 import torch
 
 from veil.mpc import _values as V
-from veil.mpc._ops_fixed import _binary_add, child_of, multiply, reduce_sum, scale
+from veil.mpc._ops_fixed import (
+    FACTOR_BITS,
+    _binary_add,
+    child_of,
+    factor_ints,
+    multiply,
+    reduce_sum,
+    scale,
+    scale_each,
+)
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
 aten = torch.ops.aten
@@ -70,8 +79,8 @@ def _nll_loss_forward(func: Any, args: Any, kwargs: Any) -> Any:
         count = float(valid.sum())
     else:  # public class weights: -sum w[y] x[y] / sum w[y], the weights in 24 bits
         w = weight.double()[target[valid]]
-        m = torch.round(w * 2.0**24).to(torch.int64)
-        total = V.truncate(V.neg(V.shape_op(V.mul_int(picked, m), "sum", [0], False)), 24)
+        weighted = V.shape_op(V.mul_int(picked, factor_ints(w)), "sum", [0], False)
+        total = V.truncate(V.neg(weighted), FACTOR_BITS)  # one truncation for the sum
         count = float(w.sum())
     if reduction == _MEAN:
         total = scale(total, 1.0 / count) if count else V.mul_int(total, 0)
@@ -129,8 +138,7 @@ def _weighted_nll_backward(
     if g is not None:
         return FPT(torch.round(coeff * g * 2.0**f).to(torch.int64), f, x.dtype)
     gg = V.shape_op(child_of(grad), "expand", list(x.shape))
-    m = torch.round(coeff * 2.0**24).to(torch.int64)
-    return FPT(V.truncate(V.mul_int(gg, m), 24), grad.precision_bits, grad.dtype)
+    return FPT(scale_each(gg, coeff), grad.precision_bits, grad.dtype)
 
 
 __all__: list[str] = []

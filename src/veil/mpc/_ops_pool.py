@@ -10,7 +10,7 @@ import torch
 
 from veil.mpc import _values as V
 from veil.mpc import approximations as A
-from veil.mpc._ops_fixed import child_of, scale
+from veil.mpc._ops_fixed import child_of, scale, scale_each
 from veil.mpc._ops_nn import _pair
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
@@ -77,9 +77,7 @@ def _times_factor(child: Any, factor: Any, x: FixedPrecisionTensor) -> FixedPrec
     :func:`scale` keeps a scalar's) and one truncation."""
     if isinstance(factor, float):
         return FPT(scale(child, factor), x.precision_bits, x.dtype)
-    bits = 24
-    m = torch.round(factor.double() * 2.0**bits).to(torch.int64)
-    return FPT(V.truncate(V.mul_int(child, m), bits), x.precision_bits, x.dtype)
+    return FPT(scale_each(child, factor), x.precision_bits, x.dtype)
 
 
 @implements(aten.avg_pool2d)
