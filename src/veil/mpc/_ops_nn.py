@@ -20,6 +20,7 @@ from veil.mpc._ops_fixed import (
     multiply,
     reduce_sum,
 )
+from veil.mpc._ops_sort import scatter_through_permutation
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
 aten = torch.ops.aten
@@ -319,8 +320,6 @@ def _scatter(func: Any, args: Any, kwargs: Any) -> Any:
     base, dim, index, src = args
     cache = getattr(index, "cache", None) if type(index) is FPT else None
     if cache and "perm" in cache and type(src) is FPT and type(base) is FPT:
-        from veil.mpc._ops_sort import scatter_through_permutation
-
         return scatter_through_permutation(base, dim, index, src)
     onehot = cache.get("onehot") if cache else None
     if onehot is None or type(src) is not FPT or type(base) is not FPT:

@@ -286,17 +286,12 @@ def refresh(x: AdditiveSharingTensor) -> AdditiveSharingTensor:
 def fold_windows(
     contrib: torch.Tensor, kh: int, kw: int, stride: list[int], shape: list[int]
 ) -> torch.Tensor:
-    """Sum pooling windows ``(N, C, Ho, Wo, kh * kw)`` back onto an ``(N, C, H, W)`` grid."""
+    """Sum pooling windows ``(N, C, Ho, Wo, kh * kw)`` back onto an ``(N, C, H, W)`` grid
+    (:func:`col2im` of the windows as columns)."""
     n, c, ho, wo = contrib.shape[:4]
-    parts = contrib.reshape(n, c, ho, wo, kh, kw)
-    out = contrib.new_zeros(tuple(shape))
-    sh, sw = stride
-    for i in range(kh):
-        for j in range(kw):
-            out[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] += parts[
-                ..., i, j
-            ]
-    return out
+    cols = contrib.reshape(n, c, ho, wo, kh, kw).permute(0, 1, 4, 5, 2, 3)
+    cols = cols.reshape(n, c * kh * kw, ho * wo)
+    return col2im(cols, list(shape[-2:]), [kh, kw], [1, 1], [0, 0], list(stride))
 
 
 def im2col(
