@@ -82,7 +82,7 @@ from veil.workers import (
     WorkerNode,
     new_id,
 )
-from veil.workers._messages import AwaitObject, MoveFailed
+from veil.workers._messages import AwaitObject, MoveFailed, moving_here
 from veil.workers._node import error_reply
 
 log = logging.getLogger("veil.worker")
@@ -500,7 +500,7 @@ class WorkerServer:
         oid = msg.id
         if oid in session.created:
             return  # already here
-        what = f"object {oid.hex()[:12]}… that worker {msg.source[:100]!r} was moving here"
+        what = moving_here(oid, msg.source[:100])
         error = client.failed.pop(oid, None)
         if error is None:
             if oid in client.waiting:  # cannot happen: a client's frames run one at a time
@@ -577,8 +577,7 @@ class WorkerServer:
     def _queue_move_failure(self, msg: MoveObject, session: Session) -> None:
         """The node did not carry out ``msg``: tell the destination, which may be waiting."""
         err = session.error or ErrorReply("RemoteError", "the move was not carried out", None)
-        reason = f"{err.op} failed on {self.name}: {err.message}" if err.op else err.message
-        failure = MoveFailed(msg.new_id, err.kind, reason[:MAX_REASON])
+        failure = MoveFailed(msg.new_id, err.kind, err.reason(self.name)[:MAX_REASON])
         self._outbox.append((msg.destination, failure))
 
     def _queue_move(self, address: str, msg: Any) -> None:

@@ -94,10 +94,7 @@ if hasattr(os, "register_at_fork"):
 def raise_error(reply: ErrorReply, worker: str) -> None:
     """Raise the veil exception that an :class:`ErrorReply` describes."""
     cls = getattr(_errors, reply.kind, None)
-    if reply.op:
-        message = f"{reply.op} failed on {worker}: {reply.message}"
-    else:
-        message = f"{reply.message} (worker {worker})"
+    message = reply.reason(worker) if reply.op else f"{reply.message} (worker {worker})"
     if isinstance(cls, type) and issubclass(cls, _errors.VeilError) and cls is not RemoteError:
         raise cls(message)
     raise RemoteError(message, op=reply.op, worker=worker)

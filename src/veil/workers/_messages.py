@@ -259,6 +259,15 @@ class ErrorReply:
         if self.op is not None and type(self.op) is not str:
             raise SerializationError("op must be a str or None")
 
+    def reason(self, worker: str) -> str:
+        """This failure as said of ``worker``: ``"<op> failed on <worker>: <message>"``."""
+        return f"{self.op} failed on {worker}: {self.message}" if self.op else self.message
+
+
+def moving_here(oid: bytes, source: str) -> str:
+    """How a destination names an object that worker ``source`` is moving to it."""
+    return f"object {oid.hex()[:12]}… that worker {source!r} was moving here"
+
 
 @dataclass(slots=True)
 class ObjectInfo:

@@ -12,7 +12,7 @@ from veil._errors import WorkerUnavailable
 from veil.serde import GradRef, decode, encode
 from veil.workers._allowlist import OPS
 from veil.workers._base import Worker
-from veil.workers._messages import ErrorReply, ExecuteCommand, Reply
+from veil.workers._messages import ErrorReply, ExecuteCommand, Reply, moving_here
 from veil.workers._node import Session, WorkerNode
 
 _REGISTRY: weakref.WeakValueDictionary[str, VirtualWorker] = weakref.WeakValueDictionary()
@@ -138,10 +138,8 @@ class VirtualWorker(Worker):
         next request here names the cause instead of a missing object."""
         session = self._session
         if session.error is None:
-            reason = error.message
-            if error.op:
-                reason = f"{error.op} failed on {source}: {reason}"
-            what = f"object {new_id.hex()[:12]}… that worker {source!r} was moving here"
+            what = moving_here(new_id, source)
+            reason = error.reason(source)
             session.error = ErrorReply(error.kind, f"{what} did not come: {reason}", "move")
 
     def _inplace_here(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
