@@ -10,8 +10,8 @@ implements that op and its backward with its own protocols:
    0/1 keep-mask (masked weights are exactly 0), ``z = sum(e)``, ``P = e / z`` (Newton
    reciprocal), ``O = P V``; the ``logsumexp`` output is ``m + log(z)``;
 3. backward, with ``P`` recomputed (or kept from the forward): ``dV = P^T dO``,
-   ``dP = dO V^T``, ``dS = P (dP - rowsum(dP P))``, ``dQ = dS K scale``,
-   ``dK = dS^T Q scale``.
+   ``dP = dO V^T``, ``dS = P (dP - rowsum(dP P))`` (softmax's own backward),
+   ``dQ = dS K scale``, ``dK = dS^T Q scale``.
 
 Accuracy is that of :func:`veil.mpc.approximations.softmax`: scores within 320 of their
 row's maximum (the domain of ``exp``), at most 300 keys, absolute error of the weights
@@ -30,7 +30,8 @@ import torch
 
 from veil.mpc import _values as V
 from veil.mpc import approximations as A
-from veil.mpc._ops_fixed import child_of, fixed_pair, matmul, multiply, scale
+from veil.mpc._ops_fixed import child_of, fixed_pair, matmul, multiply
+from veil.mpc._ops_nn import softmax_backward
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
 aten = torch.ops.aten
@@ -122,16 +123,9 @@ def _attention_backward(func: Any, args: Any, kwargs: Any) -> Any:
     if weights is None:
         weights, _ = _weights(q, k, is_causal, attn_mask, s)
     grad_v = matmul(weights.transpose(-2, -1), grad)
-    grad_p = matmul(grad, v.transpose(-2, -1))
-    inner = FPT(
-        V.shape_op(child_of(multiply(grad_p, weights)), "sum", [-1], True),
-        grad.precision_bits,
-        grad.dtype,
-    )
-    diff = FPT(V.sub(child_of(grad_p), child_of(inner)), grad.precision_bits, grad.dtype)
-    grad_s = multiply(weights, diff)
-    grad_q = FPT(scale(child_of(matmul(grad_s, k)), s), q.precision_bits, q.dtype)
-    grad_k = FPT(scale(child_of(matmul(grad_s.transpose(-2, -1), q)), s), k.precision_bits, k.dtype)
+    grad_s = softmax_backward(matmul(grad, v.transpose(-2, -1)), weights, -1)
+    grad_q = multiply(matmul(grad_s, k), s)
+    grad_k = multiply(matmul(grad_s.transpose(-2, -1), q), s)
     return grad_q, grad_k, grad_v
 
 

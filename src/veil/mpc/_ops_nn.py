@@ -241,11 +241,15 @@ def _log_softmax(func: Any, args: Any, kwargs: Any) -> Any:
     return A.log_softmax(args[0], args[1])
 
 
-@implements(aten._softmax_backward_data)
-def _softmax_backward(func: Any, args: Any, kwargs: Any) -> Any:
-    grad, out, dim = args[0], args[1], args[2]
+def softmax_backward(grad: Any, out: Any, dim: int) -> FixedPrecisionTensor:
+    """The gradient through ``out = softmax(s, dim)``: ``out (grad - sum(grad out, dim))``."""
     inner = reduce_sum(multiply(grad, out), dim, True)
     return multiply(out, _binary_add(grad, inner, 1, True))
+
+
+@implements(aten._softmax_backward_data)
+def _softmax_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    return softmax_backward(args[0], args[1], args[2])
 
 
 @implements(aten._log_softmax_backward_data)
@@ -383,4 +387,4 @@ def _argmax(func: Any, args: Any, kwargs: Any) -> Any:
     return FPT(index, 0, torch.int64)
 
 
-__all__ = ["bilinear", "relu"]
+__all__ = ["bilinear", "relu", "softmax_backward"]
