@@ -36,6 +36,7 @@ def _convert(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None
                     continue
                 if is_param:
                     new = nn.Parameter(new, requires_grad=value.requires_grad)
+                    new.__dict__.pop("_view_of", None)  # its own values, not a view's
                 done[id(value)] = new
                 store[name] = new
     return module

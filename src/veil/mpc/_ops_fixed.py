@@ -15,7 +15,7 @@ import torch
 
 from veil._errors import ProtocolError
 from veil.mpc import _values as V
-from veil.mpc import encoding
+from veil.mpc import _views, encoding
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 from veil.mpc.sharing import AdditiveSharingTensor
 
@@ -125,7 +125,10 @@ def _copy_cache(src: FixedPrecisionTensor, dst: FixedPrecisionTensor) -> FixedPr
 @implements(aten.detach, aten.alias, aten.lift_fresh)
 def _detach(func: Any, args: Any, kwargs: Any) -> Any:
     x = args[0]
-    return _copy_cache(x, FPT(x.child, x.precision_bits, x.dtype))
+    out = _copy_cache(x, FPT(x.child, x.precision_bits, x.dtype))
+    if func.overloadpacket is aten.lift_fresh:
+        return out
+    return _views.record(out, x, "alias", ())  # x.detach().zero_() zeroes x, as in torch
 
 
 @implements(aten.clone)
@@ -232,6 +235,30 @@ def _copy_(func: Any, args: Any, kwargs: Any) -> Any:
     return dst
 
 
+@implements(aten.index_put_, aten.index_put)
+def _index_put(func: Any, args: Any, kwargs: Any) -> Any:
+    """``x[indices] = values`` (``x.index_put_``; ``accumulate=True`` adds): each party puts
+    its share of the values (party 0 a public value, the others zeros) at the public
+    ``indices`` of its share of ``x``. Local: no round, nothing revealed."""
+    x, indices, values = args[0], args[1], args[2]
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    if type(x) is not FPT:
+        raise TypeError(
+            f"{func}: fixed-precision values cannot be written into a plain {x.dtype} tensor"
+        )
+    for ix in indices:
+        if ix is not None and type(ix) is not torch.Tensor:
+            raise NotImplementedError(f"{func}: writing at secret indices is not supported")
+    f = x.precision_bits
+    c = _as_child(values, values.precision_bits if type(values) is FPT else None, f)
+    child = _views.scatter(child_of(x), c, "put", (list(indices), bool(accumulate)))
+    if func.overloadpacket is aten.index_put:
+        return FPT(child, f, x.dtype)
+    x.child = child
+    x.__dict__.pop("cache", None)
+    return x
+
+
 @implements(aten.is_same_size)
 def _is_same_size(func: Any, args: Any, kwargs: Any) -> Any:
     return tuple(args[0].shape) == tuple(args[1].shape)
@@ -252,12 +279,15 @@ def _shape_handler(name: str, *, drop: tuple[str, ...] = ()) -> Any:
     def handler(func: Any, args: Any, kwargs: Any) -> Any:
         x = args[0]
         extra = [v for k, v in kwargs.items() if k not in drop]
-        out = V.shape_op(child_of(x), name, *args[1:], *extra)
-        if name in ("view", "_unsafe_view"):
-            return _copy_cache(x, FPT(out, x.precision_bits, x.dtype))
-        if name == "unsqueeze" and _restores_reduced_dim(x, args[1]):
-            return _copy_cache(x, FPT(out, x.precision_bits, x.dtype))
-        return FPT(out, x.precision_bits, x.dtype)
+        params = (*args[1:], *extra)
+        result = FPT(V.shape_op(child_of(x), name, *params), x.precision_bits, x.dtype)
+        if name in ("view", "_unsafe_view") or (
+            name == "unsqueeze" and _restores_reduced_dim(x, args[1])
+        ):
+            _copy_cache(x, result)
+        if name in _views.VIEW_OPS:
+            _views.record(result, x, name, params)
+        return result
 
     return handler
 
@@ -315,9 +345,12 @@ def _inplace_shape_handler(name: str) -> Any:
 
     def handler(func: Any, args: Any, kwargs: Any) -> Any:
         x = args[0]
-        x.child = V.shape_op(child_of(x), name, *args[1:], *kwargs.values())
+        old_shape = tuple(x.shape)
+        params = (*args[1:], *kwargs.values())
+        x.child = V.shape_op(child_of(x), name, *params)
         x.__dict__.pop("cache", None)
         V.restride(func, x, args[1:], kwargs)
+        _views.reshaped(x, name, params, old_shape)
         return x
 
     return handler
@@ -336,7 +369,9 @@ def _slice(func: Any, args: Any, kwargs: Any) -> Any:
     start = kwargs.get("start", start)
     end = kwargs.get("end", end)
     step = kwargs.get("step", 1 if step is None else step)
-    return FPT(V.shape_op(child_of(x), "slice", dim, start, end, step), x.precision_bits, x.dtype)
+    params = (dim, start, end, step)
+    out = FPT(V.shape_op(child_of(x), "slice", *params), x.precision_bits, x.dtype)
+    return _views.record(out, x, "slice", params)
 
 
 @implements(aten.index.Tensor)
@@ -366,7 +401,7 @@ def _split(func: Any, args: Any, kwargs: Any) -> Any:
     packet = func.overloadpacket
     if packet is aten.unbind:
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        pieces = [V.shape_op(c, "select", dim, i) for i in range(x.shape[dim])]
+        views = [("select", (dim, i)) for i in range(x.shape[dim])]
     else:
         dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
         sizes = args[1]
@@ -376,11 +411,14 @@ def _split(func: Any, args: Any, kwargs: Any) -> Any:
             sizes = [min(step, size - s) for s in range(0, size, step)]
         elif isinstance(sizes, int):
             sizes = [min(sizes, size - s) for s in range(0, size, sizes)]
-        pieces, start = [], 0
+        views, start = [], 0
         for s in sizes:
-            pieces.append(V.shape_op(c, "slice", dim, start, start + s, 1))
+            views.append(("slice", (dim, start, start + s, 1)))
             start += s
-    return [FPT(p, x.precision_bits, x.dtype) for p in pieces]
+    return [
+        _views.record(FPT(V.shape_op(c, name, *p), x.precision_bits, x.dtype), x, name, p)
+        for name, p in views
+    ]
 
 
 # ---------------------------------------------------------------------- arithmetic

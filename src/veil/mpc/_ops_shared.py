@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from veil.mpc import _values as V
-from veil.mpc.sharing import OPS, AdditiveSharingTensor
+from veil.mpc import _views
+from veil.mpc.sharing import _WRITES, OPS, AdditiveSharingTensor
 
 aten = torch.ops.aten
 AST = AdditiveSharingTensor
@@ -119,6 +120,10 @@ def _mul_(func: Any, args: Any, kwargs: Any) -> Any:
     return _inplace(_mul(func, args, kwargs), args[0])
 
 
+_WRITES.update((aten.add_.Tensor, aten.add_.Scalar, aten.sub_.Tensor, aten.sub_.Scalar))
+_WRITES.update((aten.mul_.Tensor, aten.mul_.Scalar))
+
+
 @implements(aten.sum.dim_IntList)
 def _sum_dim(func: Any, args: Any, kwargs: Any) -> Any:
     x = args[0]
@@ -136,7 +141,9 @@ def _sum(func: Any, args: Any, kwargs: Any) -> Any:
 
 def _shape_handler(name: str) -> Any:
     def handler(func: Any, args: Any, kwargs: Any) -> Any:
-        return V.shape_op(args[0], name, *args[1:], *kwargs.values())
+        params = (*args[1:], *kwargs.values())
+        out = V.shape_op(args[0], name, *params)
+        return _views.record(out, args[0], name, params) if name in _views.VIEW_OPS else out
 
     return handler
 
@@ -167,8 +174,11 @@ def _inplace_shape_handler(name: str) -> Any:
 
     def handler(func: Any, args: Any, kwargs: Any) -> Any:
         x = args[0]
-        x.shares = V.shape_op(x, name, *args[1:], *kwargs.values()).shares
+        old_shape = tuple(x.shape)
+        params = (*args[1:], *kwargs.values())
+        x.shares = V.shape_op(x, name, *params).shares
         V.restride(func, x, args[1:], kwargs)
+        _views.reshaped(x, name, params, old_shape)
         return x
 
     return handler

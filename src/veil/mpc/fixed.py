@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from veil._errors import ProtocolError
-from veil.mpc import encoding, sharing
+from veil.mpc import _views, encoding, sharing
 from veil.mpc._registry import Registry
 from veil.mpc.encoding import DEFAULT_PRECISION, check_precision
 from veil.mpc.sharing import AdditiveSharingTensor
@@ -30,6 +30,8 @@ from veil.pointers import PointerTensor, remote_function
 
 #: The aten-level operations of :class:`FixedPrecisionTensor`.
 OPS = Registry("FixedPrecisionTensor", decompose=True)
+#: Whether an op writes into its first argument (filled per op on first dispatch).
+_WRITES: dict[Any, bool] = {}
 
 
 class FixedPrecisionTensor(torch.Tensor):
@@ -62,7 +64,17 @@ class FixedPrecisionTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        return OPS.lookup(func)(func, args, kwargs or {})
+        out = OPS.lookup(func)(func, args, kwargs or {})
+        writes = _WRITES.get(func)
+        if writes is None:
+            writes = _WRITES[func] = func._schema.is_mutable and func not in _views.SHAPE_WRITES
+        if writes:
+            x = args[0]
+            if type(x) is FixedPrecisionTensor and (
+                "_view_of" in x.__dict__ or "_views" in x.__dict__
+            ):
+                _views.written(x)  # a view's write reaches its base, and the base's views
+        return out
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         child = self.child

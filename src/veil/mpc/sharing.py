@@ -31,6 +31,8 @@ aten = torch.ops.aten
 
 #: The aten-level operations of :class:`AdditiveSharingTensor` (integer ring semantics).
 OPS = Registry("AdditiveSharingTensor")
+#: The registered ops that write into their first argument (see ``_ops_shared``).
+_WRITES: set[Any] = set()
 
 
 class AdditiveSharingTensor(torch.Tensor):
@@ -114,7 +116,14 @@ class AdditiveSharingTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        return OPS.lookup(func)(func, args, kwargs or {})
+        out = OPS.lookup(func)(func, args, kwargs or {})
+        if func in _WRITES:
+            from veil.mpc import _views
+
+            x = args[0]
+            if "_view_of" in x.__dict__ or "_views" in x.__dict__:
+                _views.written(x)  # a view's write reaches its base, and the base's views
+        return out
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         ctx = self.ctx
@@ -337,6 +346,14 @@ def col2im(
     return out[:, :, ph : ph + h, pw : pw + w]
 
 
+def put(
+    x: torch.Tensor, values: torch.Tensor, indices: list[Any], accumulate: bool
+) -> torch.Tensor:
+    """``x.index_put(indices, values, accumulate)``, with the values second (as the other
+    scatters take their source)."""
+    return aten.index_put.default(x, indices, values, accumulate)
+
+
 #: The aten operations a party may apply to its own share (linear, data-independent).
 LOCAL_OPS: dict[str, Any] = {
     # A wrapper claims contiguous strides whatever its child's layout (an expanded or
@@ -382,8 +399,10 @@ LOCAL_OPS: dict[str, Any] = {
     "lshift": aten.__lshift__.Scalar,
     "slice_scatter": aten.slice_scatter.default,
     "select_scatter": aten.select_scatter.default,
+    "diagonal_scatter": aten.diagonal_scatter.default,
     "new_zeros": aten.new_zeros.default,
     "index_put": aten.index_put.default,
+    "put": put,
     "scatter_add": aten.scatter_add.default,
     "fold_windows": fold_windows,
 }
