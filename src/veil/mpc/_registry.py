@@ -24,11 +24,19 @@ Handler = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
 class Registry:
     """aten op -> handler ``(func, args, kwargs) -> result`` for one encoding."""
 
-    __slots__ = ("decompose", "layer", "table")
+    __slots__ = ("decompose", "layer", "table", "write_out")
 
-    def __init__(self, layer: str, *, decompose: bool = False) -> None:
+    def __init__(
+        self,
+        layer: str,
+        *,
+        decompose: bool = False,
+        write_out: Callable[[Any, Any], None] | None = None,
+    ) -> None:
         self.layer = layer
         self.decompose = decompose
+        #: How a result is written into an ``out=`` tensor (None: ``out=`` is refused).
+        self.write_out = write_out
         self.table: dict[Any, Handler] = {}
 
     def implements(self, *ops: Any) -> Callable[[Handler], Handler]:
@@ -48,6 +56,8 @@ class Registry:
         handler = self.table.get(func)
         if handler is None:
             handler = self.table.get(getattr(func, "overloadpacket", None))
+            if handler is not None and _outs(func):
+                handler = self._out_variant(func, handler)
             if handler is None and self.decompose:
                 handler = self._decomposition(func)
             if handler is None:
@@ -56,6 +66,34 @@ class Registry:
                     "see veil.mpc.supported_ops()"
                 )
             self.table[func] = handler
+        return handler
+
+    def _out_variant(self, func: Any, functional: Handler) -> Handler:
+        """The ``out=`` overload of an op registered for its whole packet: the packet's
+        handler computes the result, which is then written into the ``out`` tensors (a
+        handler ignoring them would leave them unchanged, silently)."""
+        names = _outs(func)
+        write_out, layer = self.write_out, self.layer
+
+        def handler(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if write_out is None:
+                raise NotImplementedError(f"{func} (an out= variant) on a {layer}")
+            kwargs = dict(kwargs)
+            targets = [kwargs.pop(n) for n in names]
+            result = functional(func, args, kwargs)
+            results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+            if len(results) != len(targets):
+                raise NotImplementedError(f"{func}: {len(targets)} out= tensors for "
+                                          f"{len(results)} results on a {layer}")
+            for target, value in zip(targets, results):
+                if tuple(target.shape) != tuple(value.shape):
+                    raise NotImplementedError(
+                        f"{func}: an out= tensor of shape {tuple(target.shape)} for a result "
+                        f"of shape {tuple(value.shape)} (a {layer} cannot be resized)"
+                    )
+                write_out(target, value)
+            return targets[0] if len(targets) == 1 else tuple(targets)
+
         return handler
 
     def _decomposition(self, func: Any) -> Handler | None:
@@ -93,6 +131,14 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted({str(getattr(op, "_qualified_op_name", op)) for op in self.table})
+
+
+def _outs(func: Any) -> tuple[str, ...]:
+    """The names of ``func``'s ``out=`` arguments (none for a functional or in-place op)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return ()
+    return tuple(a.name for a in schema.arguments if a.is_out)
 
 
 __all__ = ["Handler", "Registry"]

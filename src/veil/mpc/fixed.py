@@ -28,8 +28,12 @@ from veil.mpc.encoding import DEFAULT_PRECISION, check_precision
 from veil.mpc.sharing import AdditiveSharingTensor
 from veil.pointers import PointerTensor, remote_function
 
+def _write_out(target: Any, value: Any) -> None:
+    target.copy_(value)  # a plain target gets copy_'s TypeError
+
+
 #: The aten-level operations of :class:`FixedPrecisionTensor`.
-OPS = Registry("FixedPrecisionTensor", decompose=True)
+OPS = Registry("FixedPrecisionTensor", decompose=True, write_out=_write_out)
 #: Whether an op writes into its first argument (filled per op on first dispatch).
 _WRITES: dict[Any, bool] = {}
 
