@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -133,6 +133,9 @@ def test_a_write_through_any_view_chain_reaches_the_base_and_its_views(chain, ho
     secret_early = secret.t() if secret.dim() == 2 else secret[..., :1]
     plain_view, secret_view = plain, secret
     for op in ops:
+        # torch's reshape copies a non-contiguous tensor (and says not to rely on either);
+        # veil's always gives a view.
+        assume(op[0] != "flatten" or plain_view.is_contiguous())
         plain_view, secret_view = _view(plain_view, op), _view(secret_view, op)
     _write(plain_view, how, other)
     _write(secret_view, how, encode(other) if how in ("add", "copy") else other)

@@ -374,6 +374,13 @@ def _slice(func: Any, args: Any, kwargs: Any) -> Any:
     return _views.record(out, x, "slice", params)
 
 
+@implements(aten.narrow.default)
+def _narrow(func: Any, args: Any, kwargs: Any) -> Any:
+    x, dim, start, length = args[0], args[1], args[2], args[3]
+    start = start % x.shape[dim] if start < 0 else start
+    return _slice(func, (x, dim, start, start + length, 1), {})
+
+
 @implements(aten.index.Tensor)
 def _index(func: Any, args: Any, kwargs: Any) -> Any:
     x, indices = args[0], args[1]
@@ -394,7 +401,19 @@ def _cat(func: Any, args: Any, kwargs: Any) -> Any:
     return FPT(V.cat(children, name, dim), f, first.dtype)
 
 
+def _tensor_split_bounds(size: int, how: Any) -> list[tuple[int, int]]:
+    """``(start, end)`` of each piece of ``tensor_split``: ``how`` sections (the first
+    ``size % how`` one longer) or the pieces between a list of split points."""
+    if isinstance(how, int):
+        q, r = divmod(size, how)
+        ends = [(i + 1) * q + min(i + 1, r) for i in range(how)]
+        return list(zip([0, *ends[:-1]], ends))
+    points = [min(max(int(p), 0), size) for p in how]
+    return list(zip([0, *points], [*points, size]))
+
+
 @implements(aten.split_with_sizes, aten.split, aten.unbind, aten.chunk)
+@implements(aten.tensor_split.sections, aten.tensor_split.indices)
 def _split(func: Any, args: Any, kwargs: Any) -> Any:
     x = args[0]
     c = child_of(x)
@@ -404,17 +423,17 @@ def _split(func: Any, args: Any, kwargs: Any) -> Any:
         views = [("select", (dim, i)) for i in range(x.shape[dim])]
     else:
         dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-        sizes = args[1]
-        size = x.shape[dim]
-        if packet is aten.chunk:
-            step = -(-size // sizes)
-            sizes = [min(step, size - s) for s in range(0, size, step)]
-        elif isinstance(sizes, int):
-            sizes = [min(sizes, size - s) for s in range(0, size, sizes)]
-        views, start = [], 0
-        for s in sizes:
-            views.append(("slice", (dim, start, start + s, 1)))
-            start += s
+        how, size = args[1], x.shape[dim]
+        if packet is aten.tensor_split:
+            bounds = _tensor_split_bounds(size, how)
+        else:
+            if packet is aten.chunk:
+                how = -(-size // how)
+            if isinstance(how, int):  # pieces of that size, the last one shorter
+                how = [min(how, size - s) for s in range(0, size, how)]
+            ends = [sum(how[: i + 1]) for i in range(len(how))]
+            bounds = list(zip([0, *ends[:-1]], ends))
+        views = [("slice", (dim, a, max(a, b), 1)) for a, b in bounds]
     return [
         _views.record(FPT(V.shape_op(c, name, *p), x.precision_bits, x.dtype), x, name, p)
         for name, p in views

@@ -18,7 +18,8 @@ torch's semantics:
   recomputed from the root's new values.
 
 A write into an expanded or unfolded view (where one element appears more than once) raises
-``NotImplementedError``, as torch refuses most such writes.
+``NotImplementedError``, as torch refuses most such writes. ``reshape`` always gives a view
+here, where torch copies a non-contiguous input (its documentation says to rely on neither).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from veil.mpc.encoding import DEFAULT_PRECISION, check_precision
 from veil.mpc.sharing import AdditiveSharingTensor
 from veil.pointers import PointerTensor, remote_function
 
+
 def _write_out(target: Any, value: Any) -> None:
     target.copy_(value)  # a plain target gets copy_'s TypeError
 
