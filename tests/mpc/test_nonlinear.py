@@ -304,6 +304,19 @@ CONVOLUTIONS = [
         lambda: torch.nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1, output_padding=1),
         (2, 3, 7),
     ),
+    ("conv3d", lambda: torch.nn.Conv3d(2, 3, 2), (2, 2, 4, 3, 3)),
+    (
+        "conv3d_strided_grouped",
+        lambda: torch.nn.Conv3d(
+            2, 4, (3, 2, 2), stride=(2, 1, 1), padding=1, dilation=(1, 2, 1), groups=2
+        ),
+        (2, 2, 5, 5, 4),
+    ),
+    (
+        "transposed_3d",
+        lambda: torch.nn.ConvTranspose3d(2, 3, 2, stride=2, output_padding=1),
+        (1, 2, 3, 2, 2),
+    ),
 ]
 
 
@@ -324,6 +337,24 @@ def test_convolutions_and_their_gradients(name, make, shape):
     assert torch.allclose(reveal(a.grad), x.grad.double(), atol=1e-3)
     for p, q in zip(secure.parameters(), conv.parameters(), strict=True):
         assert torch.allclose(reveal(p.grad), q.grad.double(), atol=1e-3)
+
+
+@pytest.mark.parametrize("name,make,shape", CONVOLUTIONS, ids=[c[0] for c in CONVOLUTIONS])
+def test_plaintext_fixed_point_convolutions_and_their_gradients(name, make, shape):
+    """The same on fixed point without sharing (the oracle's own path, whose overflow check
+    once assumed a forward 2-D convolution for every kind)."""
+    torch.manual_seed(5)
+    conv = make()
+    fixed = copy.deepcopy(conv).fix_precision()
+    x = torch.randn(shape).requires_grad_()
+    a = x.detach().fix_precision().requires_grad_()
+    ref, got = conv(x), fixed(a)
+    ref.sum().backward()
+    got.sum().backward()
+    assert torch.allclose(got.float_precision(), ref, atol=1e-3)
+    assert torch.allclose(a.grad.float_precision(), x.grad, atol=1e-3)
+    for p, q in zip(fixed.parameters(), conv.parameters(), strict=True):
+        assert torch.allclose(p.grad.float_precision(), q.grad, atol=1e-3)
 
 
 def _selects_like_torch(x: torch.Tensor, op) -> None:

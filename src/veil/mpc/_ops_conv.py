@@ -1,6 +1,6 @@
-"""aten handlers of FixedPrecisionTensor for convolutions: 1-D and 2-D, plain and
+"""aten handlers of FixedPrecisionTensor for convolutions: 1-D, 2-D and 3-D, plain and
 transposed, grouped or not, forward and backward (each one ring product with a Beaver
-triple of its own shape, so one round)."""
+triple of its own shape, so one round). 1-D ones run as 2-D ones over a height of 1."""
 
 from __future__ import annotations
 
@@ -32,17 +32,32 @@ def _lift_1d(
     )
 
 
-def _per_group(groups: int, a: Any, b: Any, params: tuple[Any, ...]) -> Any:
-    """Weight gradients, ``conv2d_weight(a, b)`` per group (channel slices), stacked along
+def _tuple(v: Any, d: int) -> tuple[int, ...]:
+    """An int or a sequence as a ``d``-tuple (torch's convolution arguments)."""
+    if isinstance(v, int):
+        return (v,) * d
+    v = tuple(v)
+    return v * d if len(v) == 1 else v
+
+
+def _spatial(func: Any, x: Any) -> int:
+    """The number of spatial dims of a 2-D or 3-D convolution's input."""
+    if x.dim() not in (4, 5):
+        raise NotImplementedError(
+            f"{func}: only 1-D, 2-D and 3-D convolutions are supported on a FixedPrecisionTensor"
+        )
+    return x.dim() - 2
+
+
+def _per_group(groups: int, a: Any, b: Any, kind: str, params: tuple[Any, ...]) -> Any:
+    """Weight gradients, ``conv{d}_weight(a, b)`` per group (channel slices), stacked along
     the first dim: one product per group, queued together (one round)."""
     if groups == 1:
-        return bilinear(a, b, "conv2d_weight", params)
+        return bilinear(a, b, kind, params)
     ca, cb = a.shape[1] // groups, b.shape[1] // groups
     return torch.cat(
         [
-            bilinear(
-                a[:, g * ca : (g + 1) * ca], b[:, g * cb : (g + 1) * cb], "conv2d_weight", params
-            )
+            bilinear(a[:, g * ca : (g + 1) * ca], b[:, g * cb : (g + 1) * cb], kind, params)
             for g in range(groups)
         ],
         0,
@@ -51,28 +66,26 @@ def _per_group(groups: int, a: Any, b: Any, params: tuple[Any, ...]) -> Any:
 
 @implements(aten.convolution)
 def _convolution(func: Any, args: Any, kwargs: Any) -> Any:
-    """1-D and 2-D convolutions, plain and transposed, grouped or not: one ring product with
-    the dealer's triple of the same shape (exact), then the bias."""
+    """1-D, 2-D and 3-D convolutions, plain and transposed, grouped or not: one ring product
+    with the dealer's triple of the same shape (exact), then the bias."""
     x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args
     if x.dim() == 3 and w.dim() == 3:
         x2, w2, s2, p2, d2, o2 = _lift_1d(x, w, stride, padding, dilation, output_padding)
         out = _convolution(func, (x2, w2, bias, s2, p2, d2, transposed, o2, groups), {})
         return out.squeeze(2)
-    if x.dim() != 4:
-        raise NotImplementedError(
-            f"{func}: only 1-D and 2-D convolutions are supported on a FixedPrecisionTensor"
-        )
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    d = _spatial(func, x)
+    stride, padding, dilation = _tuple(stride, d), _tuple(padding, d), _tuple(dilation, d)
     if transposed:
-        params = (stride, padding, _pair(output_padding), int(groups), dilation)
-        out = bilinear(x, w, "conv_transpose2d", params)
+        params = (stride, padding, _tuple(output_padding, d), int(groups), dilation)
+        out = bilinear(x, w, f"conv_transpose{d}d", params)
     else:
-        out = bilinear(x, w, "conv2d", (stride, padding, dilation, int(groups)))
+        out = bilinear(x, w, f"conv{d}d", (stride, padding, dilation, int(groups)))
     if bias is not None:
-        b = V.shape_op(child_of(bias), "view", [1, -1, 1, 1]) if type(bias) is FPT else None
+        shape = [1, -1] + [1] * d
+        b = V.shape_op(child_of(bias), "view", shape) if type(bias) is FPT else None
         out = _binary_add(
             out,
-            FPT(b, bias.precision_bits, bias.dtype) if b is not None else bias.view(1, -1, 1, 1),
+            FPT(b, bias.precision_bits, bias.dtype) if b is not None else bias.view(shape),
             1,
             False,
         )
@@ -82,7 +95,7 @@ def _convolution(func: Any, args: Any, kwargs: Any) -> Any:
 @implements(aten.convolution_backward)
 def _convolution_backward(func: Any, args: Any, kwargs: Any) -> Any:
     """Input gradient: the adjoint convolution (transposed for a plain one, plain for a
-    transposed one); weight gradient: ``conv2d_weight`` of (input, output gradient), or of
+    transposed one); weight gradient: ``conv{d}_weight`` of (input, output gradient), or of
     (output gradient, input) for a transposed convolution; bias: a sum. One round."""
     grad, x, w, _, stride, padding, dilation, transposed, output_padding, groups, mask = args
     if x.dim() == 3 and w.dim() == 3:
@@ -94,38 +107,34 @@ def _convolution_backward(func: Any, args: Any, kwargs: Any) -> Any:
             gw.squeeze(2) if gw is not None else None,
             gb,
         )
-    if x.dim() != 4:
-        raise NotImplementedError(f"{func}: only 1-D and 2-D convolutions")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    kh, kw = w.shape[2], w.shape[3]
+    d = _spatial(func, x)
+    stride, padding, dilation = _tuple(stride, d), _tuple(padding, d), _tuple(dilation, d)
+    kernel = tuple(w.shape[2:])
     groups = int(groups)
     grad_input = grad_weight = grad_bias = None
     if mask[0]:
         if transposed:
-            grad_input = bilinear(grad, w, "conv2d", (stride, padding, dilation, groups))
+            grad_input = bilinear(grad, w, f"conv{d}d", (stride, padding, dilation, groups))
         else:
             out_pad = tuple(
                 x.shape[2 + i]
-                - (
-                    (grad.shape[2 + i] - 1) * stride[i]
-                    - 2 * padding[i]
-                    + dilation[i] * ((kh, kw)[i] - 1)
-                    + 1
-                )
-                for i in range(2)
+                - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                   + dilation[i] * (kernel[i] - 1) + 1)
+                for i in range(d)
             )
             grad_input = bilinear(
-                grad, w, "conv_transpose2d", (stride, padding, out_pad, groups, dilation)
+                grad, w, f"conv_transpose{d}d", (stride, padding, out_pad, groups, dilation)
             )
     if mask[1]:
-        params = (stride, padding, dilation, (kh, kw))
+        params = (stride, padding, dilation, kernel)
+        kind = f"conv{d}d_weight"
         grad_weight = (
-            _per_group(groups, grad, x, params)
+            _per_group(groups, grad, x, kind, params)
             if transposed
-            else _per_group(groups, x, grad, params)
+            else _per_group(groups, x, grad, kind, params)
         )
     if mask[2]:
-        grad_bias = reduce_sum(grad, [0, 2, 3])
+        grad_bias = reduce_sum(grad, [0, *range(2, 2 + d)])
     return grad_input, grad_weight, grad_bias
 
 

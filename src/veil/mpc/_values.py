@@ -15,7 +15,7 @@ import torch
 from veil._errors import PrecisionOverflow, ProtocolError
 from veil.mpc import protocols
 from veil.mpc.protocols import batch
-from veil.mpc.provider import ring_product
+from veil.mpc.provider import convolution, ring_product
 from veil.mpc.sharing import (
     LOCAL_OPS,
     AdditiveSharingTensor,
@@ -166,12 +166,12 @@ def _plain_check(kind: str, a: torch.Tensor, b: torch.Tensor, params: tuple[Any,
 def ring_product_float(
     kind: str, a: torch.Tensor, b: torch.Tensor, params: tuple[Any, ...]
 ) -> torch.Tensor:
+    """The product ``kind`` on float values (the overflow bound of plain operands)."""
     if kind == "mul":
         return a * b
     if kind == "matmul":
         return torch.matmul(a, b)
-    stride, padding, dilation, groups = params
-    return torch.nn.functional.conv2d(a, b, None, stride, padding, dilation, groups)
+    return convolution(kind, a, b, params)
 
 
 def _addend(plus: Any, ctx: Any) -> list[Any] | None:

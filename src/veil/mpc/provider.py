@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from veil._errors import ProtocolError
 from veil.mpc import limbs
@@ -164,7 +165,7 @@ def _bundle_meta(
 
 @functools.lru_cache(maxsize=4096)
 def product_shape(kind: str, sx: Shape, sy: Shape, params: tuple[Any, ...]) -> Shape:
-    """The shape of ``op(x, y)`` for a Beaver ``kind`` ("mul", "matmul", "conv2d")."""
+    """The shape of ``op(x, y)`` for a Beaver ``kind`` ("mul", "matmul", "conv2d", ...)."""
     x = torch.empty(sx, dtype=torch.int64, device="meta")
     y = torch.empty(sy, dtype=torch.int64, device="meta")
     return tuple(ring_product(kind, x, y, params).shape)
@@ -176,11 +177,7 @@ def ring_product(
     """The bilinear map of a Beaver triple, modulo 2^64.
 
     Kinds: ``"mul"`` (elementwise, broadcasting), ``"matmul"`` (params: empty, or two flags
-    saying which operand to transpose first), ``"conv2d"`` (params:
-    stride, padding, dilation, groups), ``"conv_transpose2d"`` (params: stride, padding,
-    output_padding, groups, dilation; the input gradient of a convolution) and
-    ``"conv2d_weight"`` (``x`` the input, ``y`` the output gradient; params: stride,
-    padding, dilation, kernel size; the weight gradient of an ungrouped convolution).
+    saying which operand to transpose first), and the convolutions of :func:`convolution`.
     """
     if kind == "mul":
         return x * y
@@ -189,21 +186,46 @@ def ring_product(
             x = x.transpose(-2, -1) if params[0] else x
             y = y.transpose(-2, -1) if params[1] else y
         return limbs.matmul(x, y)
-    if kind == "conv2d":
-        stride, padding, dilation, groups = params
-        return limbs.conv2d(x, y, stride, padding, dilation, groups)
-    if kind == "conv_transpose2d":
+    return convolution(kind, x, y, params, limbs.conv2d)
+
+
+def _conv2d(x: torch.Tensor, w: torch.Tensor, *params: Any) -> torch.Tensor:
+    return F.conv2d(x, w, None, *params)
+
+
+def _conv3d(x: torch.Tensor, w: torch.Tensor, *params: Any) -> torch.Tensor:
+    return F.conv3d(x, w, None, *params)  # exact mod 2^64 on int64 too
+
+
+def convolution(
+    kind: str, x: torch.Tensor, y: torch.Tensor, params: tuple[Any, ...], conv2d: Any = _conv2d
+) -> torch.Tensor:
+    """A convolution kind of :func:`ring_product` (2-D or 3-D), on ring or float values.
+
+    ``"conv2d"`` / ``"conv3d"`` (params: stride, padding, dilation, groups);
+    ``"conv_transpose2d"`` / ``"conv_transpose3d"`` (params: stride, padding,
+    output_padding, groups, dilation; the input gradient of a convolution); and
+    ``"conv2d_weight"`` / ``"conv3d_weight"`` (``x`` the input, ``y`` the output gradient;
+    params: stride, padding, dilation, kernel size; the weight gradient of an ungrouped
+    convolution). ``conv2d(x, w, stride, padding, dilation, groups)`` runs the 2-D forward
+    convolutions (the exact ring one for shares).
+    """
+    three = kind.startswith(("conv3d", "conv_transpose3d"))
+    forward = _conv3d if three else conv2d
+    if kind in ("conv2d", "conv3d"):
+        return forward(x, y, *params)
+    if kind in ("conv_transpose2d", "conv_transpose3d"):
         stride, padding, output_padding, groups, dilation = params
-        return torch.nn.functional.conv_transpose2d(
-            x, y, None, stride, padding, output_padding, groups, dilation
-        )
-    if kind == "conv2d_weight":
+        transposed = F.conv_transpose3d if three else F.conv_transpose2d
+        return transposed(x, y, None, stride, padding, output_padding, groups, dilation)
+    if kind in ("conv2d_weight", "conv3d_weight"):
         stride, padding, dilation, kernel = params
         # d loss / d w[o, c, i, j] = sum_{n,p,q} g[n, o, p, q] * x[n, c, p*s + i*d - pad, ...]:
-        # a convolution of x^T (C, N, H, W) by g^T (O, N, Ho, Wo) with stride and dilation
+        # a convolution of x^T (C, N, ...) by g^T (O, N, ...) with stride and dilation
         # swapped, cropped to the kernel size.
-        out = limbs.conv2d(x.transpose(0, 1), y.transpose(0, 1), dilation, padding, stride, 1)
-        return out[:, :, : kernel[0], : kernel[1]].transpose(0, 1)
+        out = forward(x.transpose(0, 1), y.transpose(0, 1), dilation, padding, stride, 1)
+        crop = (slice(None), slice(None), *(slice(0, k) for k in kernel))
+        return out[crop].transpose(0, 1)
     raise ProtocolError(f"unknown product kind {kind!r}")
 
 
