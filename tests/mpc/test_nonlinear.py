@@ -136,6 +136,34 @@ def test_avg_pool2d_and_its_gradient(args):
     assert torch.allclose(reveal(a.grad), x.grad.double(), atol=12 * ULP)
 
 
+@pytest.mark.parametrize(
+    "pool,args,shape",
+    [
+        (F.max_pool3d, (2,), (2, 2, 4, 5, 4)),
+        (F.max_pool3d, (3, 2, 1, 1, True), (1, 2, 5, 6, 5)),  # padding, ceil_mode
+        (F.max_pool3d, ((2, 1, 2), (1, 1, 2)), (2, 5, 4, 4)),  # unbatched
+        (F.max_pool2d, (2,), (3, 4, 5)),  # unbatched 2-D
+        (F.avg_pool3d, (2,), (2, 2, 4, 5, 4)),
+        (F.avg_pool3d, (3, 2, 1, True, False), (1, 2, 5, 6, 5)),  # per-window divisors
+        (F.avg_pool3d, (2, 1, 0, False, True, 3), (1, 2, 4, 4, 3)),  # divisor_override
+        (F.avg_pool2d, (2,), (3, 4, 5)),
+        (F.adaptive_avg_pool3d, (1,), (2, 3, 4, 4, 2)),  # global average pooling
+    ],
+)
+def test_3d_and_unbatched_pooling_and_their_gradients(pool, args, shape):
+    torch.manual_seed(2)
+    x = (torch.randn(shape) * 10).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    ref, got = pool(x, *args), pool(a, *args)
+    assert got.shape == ref.shape
+    assert torch.allclose(reveal(got), ref.double(), atol=4 * ULP)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    # each input sums up to 27 rounded window gradients (3x3x3 average windows)
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=32 * ULP)
+
+
 @pytest.mark.parametrize("args", [(2,), (3, 2, 1), (2, 1, 0, 1, True)])
 def test_max_pool1d_and_its_gradient(args):
     torch.manual_seed(1)

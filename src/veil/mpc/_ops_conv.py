@@ -10,7 +10,7 @@ import torch
 
 from veil.mpc import _values as V
 from veil.mpc._ops_fixed import _binary_add, child_of, reduce_sum
-from veil.mpc._ops_nn import _pair, bilinear
+from veil.mpc._ops_nn import _pair, bilinear, ntuple
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
 aten = torch.ops.aten
@@ -30,14 +30,6 @@ def _lift_1d(
         [1, _pair(dilation)[0]],
         [0, _pair(output_padding)[0]],
     )
-
-
-def _tuple(v: Any, d: int) -> tuple[int, ...]:
-    """An int or a sequence as a ``d``-tuple (torch's convolution arguments)."""
-    if isinstance(v, int):
-        return (v,) * d
-    v = tuple(v)
-    return v * d if len(v) == 1 else v
 
 
 def _spatial(func: Any, x: Any) -> int:
@@ -74,9 +66,9 @@ def _convolution(func: Any, args: Any, kwargs: Any) -> Any:
         out = _convolution(func, (x2, w2, bias, s2, p2, d2, transposed, o2, groups), {})
         return out.squeeze(2)
     d = _spatial(func, x)
-    stride, padding, dilation = _tuple(stride, d), _tuple(padding, d), _tuple(dilation, d)
+    stride, padding, dilation = ntuple(stride, d), ntuple(padding, d), ntuple(dilation, d)
     if transposed:
-        params = (stride, padding, _tuple(output_padding, d), int(groups), dilation)
+        params = (stride, padding, ntuple(output_padding, d), int(groups), dilation)
         out = bilinear(x, w, f"conv_transpose{d}d", params)
     else:
         out = bilinear(x, w, f"conv{d}d", (stride, padding, dilation, int(groups)))
@@ -108,7 +100,7 @@ def _convolution_backward(func: Any, args: Any, kwargs: Any) -> Any:
             gb,
         )
     d = _spatial(func, x)
-    stride, padding, dilation = _tuple(stride, d), _tuple(padding, d), _tuple(dilation, d)
+    stride, padding, dilation = ntuple(stride, d), ntuple(padding, d), ntuple(dilation, d)
     kernel = tuple(w.shape[2:])
     groups = int(groups)
     grad_input = grad_weight = grad_bias = None

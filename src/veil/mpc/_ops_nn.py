@@ -35,6 +35,14 @@ def _pair(v: Any) -> tuple[int, int]:
     return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
+def ntuple(v: Any, d: int) -> tuple[int, ...]:
+    """An int or a sequence as a ``d``-tuple (torch's convolution and pooling arguments)."""
+    if isinstance(v, int):
+        return (v,) * d
+    v = tuple(v)
+    return v * d if len(v) == 1 else v
+
+
 def bilinear(a: Any, b: Any, kind: str, params: tuple[Any, ...]) -> FixedPrecisionTensor:
     """``op(a, b)`` for fixed-point or public float operands (truncates when both are real)."""
     x = a if type(a) is FPT else b

@@ -1,17 +1,20 @@
-"""aten handlers of FixedPrecisionTensor for pooling: average pooling (window sums by a
+"""aten handlers of FixedPrecisionTensor for 2-D and 3-D pooling (batched or not; 1-D runs
+as 2-D): average pooling (window sums by a
 public kernel of ones, times torch's divisors) and max pooling (a tournament of exact
 comparisons per window, with secret indices for the backward)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from veil.mpc import _values as V
 from veil.mpc import approximations as A
 from veil.mpc._ops_fixed import child_of, scale, scale_each
-from veil.mpc._ops_nn import _pair
+from veil.mpc._ops_nn import ntuple
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
 aten = torch.ops.aten
@@ -19,55 +22,57 @@ FPT = FixedPrecisionTensor
 implements = OPS.implements
 
 
-def _ones_kernel(channels: int, kh: int, kw: int) -> torch.Tensor:
-    return torch.ones((channels, 1, kh, kw), dtype=torch.int64)
+def _ones_kernel(channels: int, kernel: tuple[int, ...]) -> torch.Tensor:
+    return torch.ones((channels, 1, *kernel), dtype=torch.int64)
 
 
-def _avg_args(args: Any, first: int) -> tuple[Any, ...]:
-    """``(kernel, stride, padding, ceil_mode, count_include_pad, divisor)`` of avg_pool2d
-    (``first``: the index of the kernel size among ``args``)."""
-    kh, kw = _pair(args[first])
+def _far_pads(extra: tuple[int, ...], before: tuple[int, ...] = ()) -> list[int]:
+    """``constant_pad_nd``'s list (last dim first) adding ``before[i]`` before and
+    ``before[i] + extra[i]`` after each spatial dim ``i``."""
+    before = before or (0,) * len(extra)
+    pads: list[int] = []
+    for b, e in zip(reversed(before), reversed(extra)):
+        pads += [b, b + e]
+    return pads
+
+
+def _avg_args(args: Any, first: int, d: int) -> tuple[Any, ...]:
+    """``(kernel, stride, padding, ceil_mode, count_include_pad, divisor)`` of avg_pool2d or
+    avg_pool3d (``first``: the index of the kernel size among ``args``)."""
+    kernel = ntuple(args[first], d)
     rest = list(args[first + 1 :]) + [None] * 5
-    stride = _pair(rest[0]) if rest[0] else (kh, kw)
-    padding = _pair(rest[1]) if rest[1] is not None else (0, 0)
+    stride = ntuple(rest[0], d) if rest[0] else kernel
+    padding = ntuple(rest[1], d) if rest[1] is not None else (0,) * d
     ceil_mode = bool(rest[2]) if rest[2] is not None else False
     count_include_pad = rest[3] if rest[3] is not None else True
-    return (kh, kw), stride, padding, ceil_mode, count_include_pad, rest[4]
+    return kernel, stride, padding, ceil_mode, count_include_pad, rest[4]
 
 
 def _avg_factor(
-    size: tuple[int, int],
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
+    size: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
     ceil_mode: bool,
     count_include_pad: bool,
     divisor: Any,
-) -> tuple[tuple[int, int], torch.Tensor | float]:
+) -> tuple[tuple[int, ...], torch.Tensor | float]:
     """The padding added after the input so that every window fits (ceil mode), and the
-    public factor turning each window's sum into torch's average: ``1 / kh kw`` when it is
-    the same everywhere, else one factor per output position (torch's own divisors, read
-    from pooling a plaintext tensor of ones)."""
+    public factor turning each window's sum into torch's average: ``1 / prod(kernel)`` when
+    it is the same everywhere, else one factor per output position (torch's own divisors,
+    read from pooling a plaintext tensor of ones)."""
+    d = len(size)
     extra = tuple(
-        _pool_geometry(size[i], kernel[i], stride[i], padding[i], ceil_mode)[1] for i in range(2)
+        _pool_geometry(size[i], kernel[i], stride[i], padding[i], ceil_mode)[1] for i in range(d)
     )
     if divisor:
         return extra, 1.0 / divisor  # type: ignore[return-value]
-    if not ceil_mode and (count_include_pad or padding == (0, 0)):
-        return extra, 1.0 / (kernel[0] * kernel[1])  # type: ignore[return-value]
+    if not ceil_mode and (count_include_pad or not any(padding)):
+        return extra, 1.0 / math.prod(kernel)  # type: ignore[return-value]
+    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
     ones = torch.ones(1, 1, *size, dtype=torch.float64)
-    mean = torch.nn.functional.avg_pool2d(
-        ones, kernel, stride, padding, ceil_mode, count_include_pad
-    )
-    real = torch.nn.functional.avg_pool2d(
-        torch.nn.functional.pad(ones, (0, extra[1], 0, extra[0])),
-        kernel,
-        stride,
-        padding,
-        False,
-        True,
-        1,
-    )
+    mean = pool(ones, kernel, stride, padding, ceil_mode, count_include_pad)
+    real = pool(F.pad(ones, _far_pads(extra)), kernel, stride, padding, False, True, 1)
     factor = torch.where(real > 0, mean / real.clamp(min=1), 0.0)[0, 0]
     return extra, factor  # type: ignore[return-value]
 
@@ -80,49 +85,70 @@ def _times_factor(child: Any, factor: Any, x: FixedPrecisionTensor) -> FixedPrec
     return FPT(scale_each(child, factor), x.precision_bits, x.dtype)
 
 
-@implements(aten.avg_pool2d)
-def _avg_pool2d(func: Any, args: Any, kwargs: Any) -> Any:
+def _spatial(func: Any, x: Any) -> int:
+    """2 or 3: the spatial dims of ``func`` (avg_pool2d, max_pool3d_with_indices, ...)."""
+    d = 3 if "pool3d" in str(func) else 2
+    if x.dim() < d + 1:
+        raise NotImplementedError(f"{func} needs a {d + 1}-D or {d + 2}-D input")
+    return d
+
+
+@implements(aten.avg_pool2d, aten.avg_pool3d)
+def _avg_pool(func: Any, args: Any, kwargs: Any) -> Any:
     """Average pooling: window sums (a convolution with a public kernel of ones, no
     round) times torch's divisors (public); ``ceil_mode`` pads the far side with zeros."""
     x = args[0]
-    kernel, stride, padding, ceil_mode, count_include_pad, divisor = _avg_args(args, 1)
-    size = (x.shape[-2], x.shape[-1])
+    d = _spatial(func, x)
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor = _avg_args(args, 1, d)
+    size = tuple(x.shape[-d:])
     extra, factor = _avg_factor(
         size, kernel, stride, padding, ceil_mode, count_include_pad, divisor
     )
     c = child_of(x)
+    batched = x.dim() == d + 2
+    if not batched:
+        c = V.shape_op(c, "unsqueeze", 0)
     if any(extra):
-        c = V.shape_op(c, "constant_pad_nd", [0, extra[1], 0, extra[0]], 0)
-    ch = x.shape[1]
-    total = V.product(c, _ones_kernel(ch, *kernel), "conv2d", (stride, padding, (1, 1), ch), 0)
+        c = V.shape_op(c, "constant_pad_nd", _far_pads(extra), 0)
+    ch = c.shape[1]
+    params = (stride, padding, (1,) * d, ch)
+    total = V.product(c, _ones_kernel(ch, kernel), f"conv{d}d", params, 0)
+    if not batched:
+        total = V.shape_op(total, "squeeze.dim", 0)
     return _times_factor(total, factor, x)
 
 
-@implements(aten.avg_pool2d_backward)
-def _avg_pool2d_backward(func: Any, args: Any, kwargs: Any) -> Any:
+@implements(aten.avg_pool2d_backward, aten.avg_pool3d_backward)
+def _avg_pool_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, x = args[0], args[1]
-    kernel, stride, padding, ceil_mode, count_include_pad, divisor = _avg_args(args, 2)
-    size = (x.shape[-2], x.shape[-1])
+    d = _spatial(func, x)
+    kernel, stride, padding, ceil_mode, count_include_pad, divisor = _avg_args(args, 2, d)
+    size = tuple(x.shape[-d:])
     extra, factor = _avg_factor(
         size, kernel, stride, padding, ceil_mode, count_include_pad, divisor
     )
-    weighted = _times_factor(child_of(grad), factor, grad)
-    full = (size[0] + extra[0], size[1] + extra[1])
+    weighted = child_of(_times_factor(child_of(grad), factor, grad))
+    batched = x.dim() == d + 2
+    if not batched:
+        weighted = V.shape_op(weighted, "unsqueeze", 0)
+    full = tuple(size[i] + extra[i] for i in range(d))
     out_pad = tuple(
-        full[i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i])
-        for i in range(2)
+        full[i] - ((weighted.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i])
+        for i in range(d)
     )
-    ch = x.shape[1]
+    ch = weighted.shape[1]
     spread = V.product(
-        child_of(weighted),
-        _ones_kernel(ch, *kernel),
-        "conv_transpose2d",
-        (stride, padding, out_pad, ch, (1, 1)),
+        weighted,
+        _ones_kernel(ch, kernel),
+        f"conv_transpose{d}d",
+        (stride, padding, out_pad, ch, (1,) * d),
         0,
     )
-    if any(extra):
-        spread = V.shape_op(spread, "slice", -2, 0, size[0], 1)
-        spread = V.shape_op(spread, "slice", -1, 0, size[1], 1)
+    for i in range(d):
+        if extra[i]:
+            spread = V.shape_op(spread, "slice", i - d, 0, size[i], 1)
+    if not batched:
+        spread = V.shape_op(spread, "squeeze.dim", 0)
     return FPT(spread, grad.precision_bits, grad.dtype)
 
 
@@ -174,58 +200,71 @@ def _pool_geometry(size: int, k: int, stride: int, pad: int, ceil_mode: bool) ->
     return out, max(0, (out - 1) * stride + k - (size + 2 * pad))
 
 
-def _windows(c: Any, kh: int, kw: int, stride: tuple[int, int]) -> Any:
-    c = V.shape_op(c, "unfold", 2, kh, stride[0])
-    c = V.shape_op(c, "unfold", 3, kw, stride[1])  # (N, C, Ho, Wo, kh, kw)
-    n, ch, ho, wo = c.shape[:4]
-    return V.shape_op(c, "reshape", [n, ch, ho, wo, kh * kw])
+def _windows(c: Any, kernel: tuple[int, ...], stride: tuple[int, ...]) -> Any:
+    """The pooling windows of ``c`` (N, C, *spatial): (N, C, *outputs, prod(kernel))."""
+    d = len(kernel)
+    for i in range(d):
+        c = V.shape_op(c, "unfold", 2 + i, kernel[i], stride[i])
+    return V.shape_op(c, "reshape", [*c.shape[: 2 + d], math.prod(kernel)])
 
 
-@implements(aten.max_pool2d_with_indices)
-def _max_pool2d(func: Any, args: Any, kwargs: Any) -> Any:
+@implements(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices)
+def _max_pool(func: Any, args: Any, kwargs: Any) -> Any:
     """Max pooling as a tournament over each window (:func:`approximations.max_with_onehot`).
     Padding is a public ``-2^61`` (ring units), so values need ``|x| < 2^61`` units, the
     comparisons' own range; ``ceil_mode`` pads the far side the same way."""
     x = args[0]
-    kh, kw = _pair(args[1])
-    stride = _pair(args[2]) if len(args) > 2 and args[2] else (kh, kw)
-    padding = _pair(args[3]) if len(args) > 3 else (0, 0)
-    dilation = _pair(args[4]) if len(args) > 4 else (1, 1)
+    d = _spatial(func, x)
+    kernel = ntuple(args[1], d)
+    stride = ntuple(args[2], d) if len(args) > 2 and args[2] else kernel
+    padding = ntuple(args[3], d) if len(args) > 3 else (0,) * d
+    dilation = ntuple(args[4], d) if len(args) > 4 else (1,) * d
     ceil_mode = args[5] if len(args) > 5 else False
-    if dilation != (1, 1):
+    if any(v != 1 for v in dilation):
         raise NotImplementedError(f"{func}: dilation {dilation} (only 1 is supported)")
-    if padding[0] * 2 > kh or padding[1] * 2 > kw:
+    if any(p * 2 > k for p, k in zip(padding, kernel)):
         raise ValueError(f"{func}: padding {padding} should be at most half the kernel size")
-    h, w = x.shape[-2:]
-    _, extra_h = _pool_geometry(h, kh, stride[0], padding[0], ceil_mode)
-    _, extra_w = _pool_geometry(w, kw, stride[1], padding[1], ceil_mode)
-    pads = [padding[1], padding[1] + extra_w, padding[0], padding[0] + extra_h]
+    size = tuple(x.shape[-d:])
+    extra = tuple(
+        _pool_geometry(size[i], kernel[i], stride[i], padding[i], ceil_mode)[1] for i in range(d)
+    )
     c = child_of(x)
-    if any(pads):
-        c = V.shape_op(c, "constant_pad_nd", pads, 0)
+    batched = x.dim() == d + 2
+    if not batched:
+        c = V.shape_op(c, "unsqueeze", 0)
+    if any(padding) or any(extra):
+        c = V.shape_op(c, "constant_pad_nd", _far_pads(extra, padding), 0)
         border = torch.full(tuple(c.shape), _POOL_PAD, dtype=torch.int64)
-        border[..., padding[0] : padding[0] + h, padding[1] : padding[1] + w] = 0
+        border[(..., *(slice(p, p + n) for p, n in zip(padding, size)))] = 0
         c = V.add(c, border)
-    padded = tuple(c.shape)
-    win = FPT(_windows(c, kh, kw, stride), x.precision_bits, x.dtype)
+    padded = tuple(c.shape[2:])
+    win = FPT(_windows(c, kernel, stride), x.precision_bits, x.dtype)
     values, onehot = A.max_with_onehot(win, -1)
     values = V.shape_op(values, "squeeze.dim", -1)
+    if not batched:
+        values = V.shape_op(values, "squeeze.dim", 0)
     out = FPT(values, x.precision_bits, x.dtype)
-    info = (kh, kw, stride, padded, (padding[0], padding[1], h, w))
+    info = (kernel, stride, padded, padding, size, batched)
     return out, SecretIndices(out.shape, onehot, info)
 
 
-@implements(aten.max_pool2d_with_indices_backward)
-def _max_pool2d_backward(func: Any, args: Any, kwargs: Any) -> Any:
+@implements(aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward)
+def _max_pool_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, indices = args[0], args[-1]
     if type(indices) is not SecretIndices:
         raise NotImplementedError(f"{func} without the indices of a secure max pooling")
-    kh, kw, stride, padded, (top, left, h, w) = indices.info
-    contrib = V.product(V.shape_op(child_of(grad), "unsqueeze", -1), indices.onehot)
-    out = V.shape_op(contrib, "fold_windows", kh, kw, list(stride), list(padded))
-    if tuple(padded[-2:]) != (h, w):
-        out = V.shape_op(out, "slice", -2, top, top + h, 1)
-        out = V.shape_op(out, "slice", -1, left, left + w, 1)
+    kernel, stride, padded, before, size, batched = indices.info
+    g = child_of(grad)
+    if not batched:
+        g = V.shape_op(g, "unsqueeze", 0)
+    contrib = V.product(V.shape_op(g, "unsqueeze", -1), indices.onehot)
+    out = V.shape_op(contrib, "fold_windows", list(kernel), list(stride), list(padded))
+    d = len(kernel)
+    for i in range(d):
+        if padded[i] != size[i]:
+            out = V.shape_op(out, "slice", i - d, before[i], before[i] + size[i], 1)
+    if not batched:
+        out = V.shape_op(out, "squeeze.dim", 0)
     return FPT(out, grad.precision_bits, grad.dtype)
 
 

@@ -13,6 +13,7 @@ integer ring operations registered in :data:`OPS`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -293,14 +294,20 @@ def refresh(x: AdditiveSharingTensor) -> AdditiveSharingTensor:
 
 
 def fold_windows(
-    contrib: torch.Tensor, kh: int, kw: int, stride: list[int], shape: list[int]
+    contrib: torch.Tensor, kernel: list[int], stride: list[int], shape: list[int]
 ) -> torch.Tensor:
-    """Sum pooling windows ``(N, C, Ho, Wo, kh * kw)`` back onto an ``(N, C, H, W)`` grid
-    (:func:`col2im` of the windows as columns)."""
-    n, c, ho, wo = contrib.shape[:4]
-    cols = contrib.reshape(n, c, ho, wo, kh, kw).permute(0, 1, 4, 5, 2, 3)
-    cols = cols.reshape(n, c * kh * kw, ho * wo)
-    return col2im(cols, list(shape[-2:]), [kh, kw], [1, 1], [0, 0], list(stride))
+    """Sum pooling windows ``(N, C, *outputs, prod(kernel))`` back onto an ``(N, C, *shape)``
+    grid (2-D or 3-D; overlapping windows add): the adjoint of cutting the windows out."""
+    d = len(kernel)
+    outs = list(contrib.shape[2 : 2 + d])
+    parts = contrib.reshape(*contrib.shape[:2], *outs, *kernel)
+    out = contrib.new_zeros((*contrib.shape[:2], *shape[-d:]))
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        target = tuple(
+            slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offset, stride, outs)
+        )
+        out[(slice(None), slice(None), *target)] += parts[(..., *offset)]
+    return out
 
 
 def im2col(
