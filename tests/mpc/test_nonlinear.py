@@ -433,3 +433,22 @@ def test_median_kthvalue_and_their_gradients(x, data):
     _selects_like_torch(x, lambda t: torch.median(t, dim, keepdim=keepdim))
     _selects_like_torch(x, lambda t: torch.kthvalue(t, k, dim, keepdim=keepdim))
     assert torch.allclose(reveal(torch.median(sh(x))), torch.median(x).double(), atol=ULP)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 11), st.integers(0, 1000))
+def test_ties_go_to_the_first_index_as_in_torch(n, seed):
+    """max/min/argmax/argmin pick the first of equal values (torch's documented rule), and
+    max pooling routes the gradient of a tied window to its first element, as torch does."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 3, (3, n), generator=gen).float()
+    s = sh(x)
+    assert torch.equal(reveal(s.max(1)[1]).long(), x.max(1)[1])
+    assert torch.equal(reveal(s.min(1)[1]).long(), x.min(1)[1])
+    assert torch.equal(reveal(s.argmax(1)).long(), x.argmax(1))
+    assert torch.equal(reveal(s.argmin(1)).long(), x.argmin(1))
+    img = torch.randint(0, 2, (1, 1, 4, 4), generator=gen).float().requires_grad_()
+    a = sh(img.detach()).requires_grad_()
+    F.max_pool2d(img, 2).sum().backward()
+    F.max_pool2d(a, 2).sum().backward()
+    assert torch.equal(reveal(a.grad), img.grad.double())

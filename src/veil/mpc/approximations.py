@@ -281,9 +281,11 @@ def sqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
 def max_with_onehot(x: FixedPrecisionTensor, dim: int) -> tuple[Any, Any]:
     """Ring values of ``max(x, dim)`` (dim kept as size 1) and the one-hot of its position.
 
-    Protocol: a tournament. The candidates are halved ``log2(k)`` times; each pairing
-    computes ``s = [a >= b]`` (exact comparison) and selects ``b + s (a - b)`` for the value
-    and for the one-hot position vector (one product, batched). Ties go to the first index.
+    Protocol: a tournament. The candidates are halved ``log2(k)`` times, neighbours paired
+    (``2i`` with ``2i + 1``, an odd last one passing through), so every candidate to the left
+    comes from lower positions; each pairing computes ``s = [a >= b]`` (exact comparison) and
+    selects ``b + s (a - b)`` for the value and for the one-hot position vector (one
+    product, batched). Ties go to the first index, as torch's ``max`` and ``argmax`` do.
     """
     c = x.child
     dim = dim % x.dim()
@@ -294,10 +296,10 @@ def max_with_onehot(x: FixedPrecisionTensor, dim: int) -> tuple[Any, Any]:
     onehot = torch.eye(k, dtype=torch.int64).expand(*lead, k, k)  # (..., k, k)
     while k > 1:
         half = k // 2
-        a = V.shape_op(values, "slice", -2, 0, half, 1)
-        b = V.shape_op(values, "slice", -2, half, 2 * half, 1)
-        oa = V.shape_op(onehot, "slice", -2, 0, half, 1)
-        ob = V.shape_op(onehot, "slice", -2, half, 2 * half, 1)
+        a = V.shape_op(values, "slice", -2, 0, 2 * half, 2)
+        b = V.shape_op(values, "slice", -2, 1, 2 * half, 2)
+        oa = V.shape_op(onehot, "slice", -2, 0, 2 * half, 2)
+        ob = V.shape_op(onehot, "slice", -2, 1, 2 * half, 2)
         s = V.sign(V.sub(a, b))  # (..., half, 1)
         diff = V.cat([V.sub(a, b), V.sub(oa, ob)], "cat", -1)  # (..., half, 1 + k0)
         picked = V.add(V.cat([b, ob], "cat", -1), V.product(s, diff))
