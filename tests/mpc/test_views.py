@@ -232,3 +232,18 @@ def test_integer_shares_written_through_views():
     x.view(2, 3).t()[2].sub_(torch.tensor([1, 1]))
     assert torch.equal(x.get(), torch.tensor([5, 1, 3, 6, 4, 4]))
     assert torch.equal(first.get(), torch.tensor(5))
+
+
+@pytest.mark.parametrize("name,encode,decode", ENCODERS)
+@pytest.mark.parametrize("pads", [(1, 1), (0, 2, 1, 0), (-1, 1)])
+@pytest.mark.parametrize("value", [0.0, 2.5, -1.0])
+def test_constant_padding_with_any_value(name, encode, decode, pads, value):
+    x = torch.arange(6.0).reshape(2, 3)
+    plain = x.clone().requires_grad_()
+    secret = encode(x).requires_grad_()
+    ref, got = F.pad(plain, pads, value=value), F.pad(secret, pads, value=value)
+    assert torch.equal(decode(got), ref.double())
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(encode(g))
+    assert torch.allclose(decode(secret.grad), plain.grad.double(), atol=1e-4)

@@ -304,7 +304,6 @@ for _name, _op in (
     ("flip", aten.flip),
     ("roll", aten.roll),
     ("repeat", aten.repeat),
-    ("constant_pad_nd", aten.constant_pad_nd),
     ("unfold", aten.unfold),
     ("diagonal", aten.diagonal),
     ("tril", aten.tril),
@@ -321,6 +320,20 @@ implements(aten.select.int)(_shape_handler("select"))
 implements(aten.cumsum.default)(_shape_handler("cumsum", drop=("dtype",)))
 implements(aten.im2col.default)(_shape_handler("im2col"))  # F.unfold, linear
 implements(aten.col2im.default)(_shape_handler("col2im"))  # F.fold and unfold's backward
+
+
+@implements(aten.constant_pad_nd)
+def _constant_pad(func: Any, args: Any, kwargs: Any) -> Any:
+    """``F.pad(x, pads, value=v)``: every party pads its share with zeros, and the public
+    ``v`` is added on the border (party 0's share; nothing for ``v = 0``)."""
+    x, pads = args[0], list(args[1])
+    value = args[2] if len(args) > 2 else kwargs.get("value", 0)
+    c = V.shape_op(child_of(x), "constant_pad_nd", pads, 0)
+    if value:
+        inside = torch.zeros(tuple(x.shape), dtype=torch.int64)
+        border = torch.nn.functional.pad(inside, pads, value=1)
+        c = V.add(c, border * int(public_child(float(value), x.precision_bits)))
+    return FPT(c, x.precision_bits, x.dtype)
 
 
 @implements(aten.flatten.using_ints)
