@@ -323,3 +323,22 @@ def test_unfold_and_fold_match_torch(kh, kw, pad, dil, stride, data):
         ref = real.clone().requires_grad_()
         F.unfold(ref, **kw_).sum().backward()
         assert torch.allclose(value(a.grad), ref.grad.double(), atol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.data())
+def test_elementwise_products_of_transposed_matrices(m, n, data):
+    """``x.t()`` of a shared matrix is transposed lazily (its parties transpose inside the
+    next matrix product); an elementwise product or a convolution of it used the shares in
+    their stored layout, so ``x.t() * y`` was wrong (and mis-shaped when not square)."""
+    x = data.draw(tensors((m, n), 5.0))
+    y = data.draw(tensors((n, m), 5.0))
+    c = data.draw(tensors((), 5.0))
+    w = data.draw(tensors((1, 1, 1, 1), 2.0))
+    sx, sy = shared(x, PARTIES, PROVIDER), shared(y, PARTIES, PROVIDER)
+    assert torch.allclose(reveal(sx.t() * sy), (x.t() * y).double(), atol=1e-3)
+    assert torch.allclose(reveal(sx.t() * y), (x.t() * y).double(), atol=1e-3)
+    st_c = shared(c, PARTIES, PROVIDER)
+    assert torch.allclose(reveal(sx.t() * st_c), (x.t() * c).double(), atol=1e-3)
+    conv = F.conv2d(sx.t()[None, None], shared(w, PARTIES, PROVIDER))
+    assert torch.allclose(reveal(conv), F.conv2d(x.t()[None, None], w).double(), atol=1e-3)

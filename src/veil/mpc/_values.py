@@ -203,18 +203,28 @@ def product(
         from veil.mpc._runtime import merge
 
         ctx = merge(a.ctx, b.ctx)
+        # Matrix products transpose lazily transposed operands inside the parties' step;
+        # other kinds take the shares as the values are laid out.
+        lazy = kind == "matmul"
         op = batch.queue_product(
-            ctx, a.raw_shares, b.raw_shares, kind, params, trunc, _addend(plus, ctx)
+            ctx,
+            a.raw_shares if lazy else a.shares,
+            b.raw_shares if lazy else b.shares,
+            kind,
+            params,
+            trunc,
+            _addend(plus, ctx),
         )
         return AST.deferred(op, ctx)
     if sa or sb:
         x = a if sa else b
         ctx = x.ctx
         fn = product_local if ctx.remote else ring_product
+        own = x.raw_shares if kind == "matmul" else x.shares
         if sa:
-            shares = [fn(kind, s, b, params) for s in x.raw_shares]
+            shares = [fn(kind, s, b, params) for s in own]
         else:
-            shares = [fn(kind, a, s, params) for s in x.raw_shares]
+            shares = [fn(kind, a, s, params) for s in own]
         if trunc and a.numel() and b.numel():  # an empty operand: zeros, nothing to round
             op = batch.queue_truncation(ctx, shares, trunc, 1, _addend(plus, ctx))
             return AST.deferred(op, ctx)
