@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
     variances = model[1].running_var
     print(
         f"batch-norm running variances {variances.min():.3f} .. {variances.max():.3f} "
-        "(rsqrt's domain: [0.05, 150])"
+        "(rsqrt's domain at 16 fractional bits: [2^-14, 2^44))"
     )
 
     alice, bob, carol = (veil.VirtualWorker(n) for n in ("alice", "bob", "carol"))

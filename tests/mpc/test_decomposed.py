@@ -54,7 +54,7 @@ def test_variance_over_dims_against_plaintext(x, data):
 
 def test_std_and_unbiased_overloads():
     torch.manual_seed(0)
-    x = torch.randn(6, 5) * 3  # variances well inside sqrt's domain [0.05, 150]
+    x = torch.randn(6, 5) * 3  # standard deviations of moderate variances
     a = sh(x)
     assert torch.allclose(reveal(a.std(0)), x.double().std(0), rtol=1e-3, atol=ULP)
     assert torch.allclose(reveal(a.std()), x.double().std(), rtol=1e-3, atol=ULP)
@@ -100,7 +100,7 @@ def test_decomposed_ops_against_plaintext(name, fn, tol, x):
 
 def test_layer_norm_against_plaintext():
     torch.manual_seed(1)
-    x = torch.round(torch.randn(6, 5) * 2 * 2**16) / 2**16  # row variances inside [0.05, 150]
+    x = torch.round(torch.randn(6, 5) * 2 * 2**16) / 2**16  # row variances of a few units
     ln = nn.LayerNorm(5)
     with torch.no_grad():
         ln.weight.uniform_(0.5, 1.5)
@@ -114,7 +114,7 @@ def test_layer_norm_against_plaintext():
 
 def test_group_and_instance_norm_against_plaintext():
     torch.manual_seed(2)
-    x = torch.round(torch.randn(2, 4, 6) * 2 * 2**16) / 2**16  # variances inside [0.05, 150]
+    x = torch.round(torch.randn(2, 4, 6) * 2 * 2**16) / 2**16  # variances of a few units
     a = sh(x)
     assert torch.allclose(reveal(F.group_norm(a, 2)), F.group_norm(x, 2).double(), atol=2e-3)
     assert torch.allclose(reveal(F.instance_norm(a)), F.instance_norm(x).double(), atol=2e-3)
@@ -122,7 +122,7 @@ def test_group_and_instance_norm_against_plaintext():
 
 def test_batch_norm_train_and_eval():
     torch.manual_seed(0)
-    x = torch.randn(16, 4) * 2  # batch variances near 4: inside rsqrt's domain
+    x = torch.randn(16, 4) * 2  # batch variances near 4
     bn = nn.BatchNorm1d(4)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
@@ -223,7 +223,7 @@ def test_registry_without_decompositions_names_the_op():
 @pytest.mark.parametrize("make", [torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad])
 def test_adaptive_optimizers_fail_loudly(make):
     # Their in-place steps (lerp_, addcmul_) are not run as decompositions: second moments
-    # underflow 16 fractional bits and leave sqrt's domain, so a run would be silently wrong.
+    # underflow 16 fractional bits and fall below sqrt's domain, so a run would be silently wrong.
     model = nn.Linear(3, 1).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
     opt = make(model.parameters(), lr=0.01)
     model(sh(torch.randn(4, 3))).sum().backward()
@@ -348,3 +348,22 @@ def test_tensor_split_and_glu_against_plaintext(size, sections, data):
         ref.sum().backward()
         assert torch.allclose(reveal(out), ref.double(), atol=1e-3)
         assert torch.allclose(reveal(secure.grad), plain.grad.double(), atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [0.03, 1.0, 30.0])
+def test_norms_and_gradient_clipping_over_many_magnitudes(scale):
+    """Norms of small and of large vectors, and clipping by them (square roots and
+    reciprocals reduce their input by powers of four; the old direct approximations held
+    only on [0.05, 150] and [0.01, 300])."""
+    torch.manual_seed(7)
+    x = torch.randn(40) * scale
+    assert torch.allclose(reveal(sh(x).norm()), x.norm().double(), rtol=1e-3, atol=4 * ULP)
+    model = nn.Linear(8, 3)
+    secure = copy.deepcopy(model).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    data = torch.randn(16, 8)
+    for m, xb in ((model, data * scale), (secure, sh(data * scale))):
+        m(xb).sum().backward()
+        nn.utils.clip_grad_norm_(m.parameters(), max_norm=1.0, foreach=False)
+    for p, q in zip(secure.parameters(), model.parameters(), strict=True):
+        # the clipping factor 1 / norm has 16 fractional bits: 0.4% at a norm of 500
+        assert torch.allclose(reveal(p.grad), q.grad.double(), rtol=1e-2, atol=8 * ULP)

@@ -14,7 +14,7 @@ implements that op and its backward with its own protocols:
    ``dQ = dS K scale``, ``dK = dS^T Q scale``.
 
 Accuracy is that of :func:`veil.mpc.approximations.softmax`: scores within 320 of their
-row's maximum (the domain of ``exp``), at most 300 keys, absolute error of the weights
+row's maximum (the domain of ``exp``), any number of keys, absolute error of the weights
 below 1e-3; ``logsumexp`` also needs ``z`` (at most the number of keys) in ``log``'s domain,
 [0.05, 190]. Grouped-query attention raises ``NotImplementedError``. With
 ``dropout_p > 0`` torch takes its math path instead (products, softmax and a public

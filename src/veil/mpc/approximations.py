@@ -128,19 +128,27 @@ def _newton_reciprocal(a: Any, y: Any, f: int, iterations: int) -> Any:
 
 
 def _reciprocal_positive(a: Any, f: int) -> Any:
-    init = V.add(V.mul_int(_exp_child(V.sub(_const(0.5, f), a), f), 3), _const(0.003, f))
-    return _newton_reciprocal(a, init, f, 10)
+    """``1 / a`` (``f`` bits) for ``a`` in the domain of :func:`reciprocal`."""
+    w = _ROOT_W
+    onehot, u, js = _reduce(a, f)  # u = a / 4^j in [1, 4)
+    y = V.sub(_const(0.975, w), _times(u, 0.195, w, w))  # relative error below 0.22
+    y = _newton_reciprocal(u, y, w, 4)  # 0.22 -> 4.8e-2 -> 2.3e-3 -> 5.5e-6 -> 3e-11
+    bits = [w + 1] * len(js)
+    return _select_shifted(onehot, y, [f - w - 2 * j for j in js], bits)
 
 
 def reciprocal(x: FixedPrecisionTensor, *, positive: bool = False) -> FixedPrecisionTensor:
-    """``1 / x`` for ``0.01 <= |x| <= 300`` (``positive=True`` skips the sign handling).
+    """``1 / x`` for ``|x|`` in [2^-14, 2^44) (at f = 16; ``positive=True`` skips the sign
+    handling).
 
-    Protocol: for ``x > 0``, Newton-Raphson ``y <- y (2 - x y)`` (two products per step, ten
-    steps) from ``y0 = 3 exp(0.5 - x) + 0.003``, which makes ``x y0`` lie in (0, 2) on the
-    domain. For any sign, ``s = [x >= 0]`` (exact comparison), ``|x| = x (2s - 1)`` and the
-    result is multiplied by ``2s - 1``.
+    Protocol: for ``x > 0``, the range reduction of :func:`rsqrt` (``u = x / 4^j`` in
+    [1, 4), 24 fractional bits), Newton-Raphson ``y <- y (2 - u y)`` (two products per step,
+    four steps) from ``y = 0.975 - 0.195 u`` (relative error below 0.22, squared by each
+    step), and ``1 / x = sum_j h_j y 4^-j``. For any sign, ``s = [x >= 0]`` (exact
+    comparison), ``|x| = x (2s - 1)`` and the result is multiplied by ``2s - 1``.
 
-    Error (measured, f = 16): relative error below 1e-3 on the domain.
+    Error (measured, f = 16): at most ``1e-5`` relative plus one unit in the last place.
+    Inputs below the domain are treated as ``2^-14``.
     """
     f = _check(x)
     a = x.child
@@ -240,39 +248,125 @@ def log(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
     return _out(x, y)
 
 
-def _rsqrt_child(a: Any, f: int, w: int = 24) -> Any:
-    """1/sqrt of ring value ``a`` (``f`` bits), returned with ``w`` fractional bits."""
-    y = V.add(
-        _times(_exp_child(V.sub(_times(a, -0.5, f, f), _const(0.2, f)), f), 2.2, f, f),
-        _const(0.2, f),
-    )
-    y = _rescale(V.sub(y, _times(a, 1 / 1024, f, f)), f, w)
+#: Fractional bits of a square root's reduced input ``u`` in [1, 4) and of its iterates.
+_ROOT_W = 24
+
+
+def _root_bins(f: int) -> tuple[int, int]:
+    """The exponents ``(low, high)`` of the bins ``[4^j, 4^(j + 1))`` a square root reduces
+    its input by: from four ring units (``4^low >= 2^(2 - f)``) to ``4^(high + 1) <=
+    2^(60 - f)``, where the reduction's products stay inside the ring."""
+    return -((f - 2) // 2), (60 - f) // 2 - 1
+
+
+def _bins_of_four(a: Any, f: int) -> Any:
+    """The one-hot ``(..., J)`` of the bin ``[4^j, 4^(j + 1))`` holding each value of ``a``
+    (values below the lowest bin count in it, those above the highest in it): ``J - 1``
+    exact comparisons with the public bounds, in one batch, then differences."""
+    low, high = _root_bins(f)
+    bounds = torch.tensor([_const(4.0**j, f) for j in range(low + 1, high + 1)])
+    c = V.sign(V.sub(V.shape_op(a, "unsqueeze", -1), bounds))  # [a >= 4^j], j > low
+    n = high - low
+    first = V.sub(1, V.shape_op(c, "slice", -1, 0, 1, 1))
+    middle = V.sub(V.shape_op(c, "slice", -1, 0, n - 1, 1), V.shape_op(c, "slice", -1, 1, n, 1))
+    last = V.shape_op(c, "slice", -1, n - 1, n, 1)
+    return V.cat([first, middle, last], "cat", -1)
+
+
+def _groups(exponents: list[int], bits: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive bins ``(start, stop, top)`` that can share one truncation by ``top``: in
+    each, every bin's value (below ``2^bits[k]`` ring units) times ``2^(exponents[k] + top)``
+    stays below ``2^61``."""
+    groups: list[tuple[int, int, int]] = []
+    start = 0
+    while start < len(exponents):
+        stop = start + 1
+        while stop < len(exponents):
+            top = max(-e for e in exponents[start : stop + 1])
+            if any(bits[k] + exponents[k] + top > 61 for k in range(start, stop + 1)):
+                break
+            stop += 1
+        groups.append((start, stop, max(-e for e in exponents[start:stop])))
+        start = stop
+    return groups
+
+
+def _select_shifted(onehot: Any, value: Any, exponents: list[int], bits: list[int]) -> Any:
+    """``sum_j onehot_j * value * 2^(exponents_j)``: the value scaled by its bin's power of
+    two. One exact product of the one-hot (with public powers of two folded in) and the
+    value, then one truncation per group of bins (:func:`_groups`; one round for all);
+    ``bits[k]`` bounds the value's ring magnitude when it lies in bin ``k``."""
+    plan = _groups(exponents, bits)
+    tops = [top for start, stop, top in plan for _ in range(start, stop)]
+    factors = torch.tensor([1 << (e + t) for e, t in zip(exponents, tops)], dtype=torch.int64)
+    picked = V.product(V.mul_int(onehot, factors), V.shape_op(value, "unsqueeze", -1))
+    out = None
+    for start, stop, top in plan:
+        part = V.shape_op(V.shape_op(picked, "slice", -1, start, stop, 1), "sum", [-1], False)
+        part = V.truncate(part, top) if top > 0 else V.mul_int(part, 1 << -top)
+        out = part if out is None else V.add(out, part)
+    return out
+
+
+def _reduce(a: Any, f: int) -> tuple[Any, Any, list[int]]:
+    """``(onehot, u, js)``: the bins of ``a`` (exponents ``js``) and ``u = a / 4^j`` in
+    [1, 4), with :data:`_ROOT_W` fractional bits."""
+    w = _ROOT_W
+    low, high = _root_bins(f)
+    js = list(range(low, high + 1))
+    onehot = _bins_of_four(a, f)
+    u = _select_shifted(onehot, a, [w - f - 2 * j for j in js], [2 * j + 2 + f for j in js])
+    return onehot, u, js
+
+
+def _root_parts(a: Any, f: int) -> tuple[Any, Any, Any, list[int]]:
+    """``(onehot, u, r, js)``: as :func:`_reduce`, and ``r = 1 / sqrt(u)`` with
+    :data:`_ROOT_W` fractional bits."""
+    w = _ROOT_W
+    onehot, u, js = _reduce(a, f)
+    r = V.sub(_const(1.066, w), _times(u, 0.152, w, w))  # relative error below 0.087
     three = 3 << w
-    for _ in range(5):
-        y2 = V.product(y, y, "mul", (), w)
-        t = V.sub(three, V.product(a, y2, "mul", (), f))
-        y = V.product(y, t, "mul", (), w + 1)  # y (3 - x y^2) / 2
-    return y
+    for _ in range(3):  # relative error 0.087 -> 1.2e-2 -> 2e-4 -> 6e-8
+        r2 = V.product(r, r, "mul", (), w)
+        t = V.sub(three, V.product(u, r2, "mul", (), w))
+        r = V.product(r, t, "mul", (), w + 1)  # r (3 - u r^2) / 2
+    return onehot, u, r, js
 
 
 def rsqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
-    """``1 / sqrt(x)`` for ``x`` in [0.05, 150].
+    """``1 / sqrt(x)`` for ``x`` in [2^-14, 2^44) (at f = 16; ``[4^low, 4^(high + 1))`` of
+    :func:`_root_bins` in general).
 
-    Protocol: Newton-Raphson ``y <- y (3 - x y^2) / 2`` (five steps, ``y`` carried with 24
-    fractional bits) from ``y0 = 2.2 exp(-x/2 - 0.2) + 0.2 - x/1024``.
+    Protocol: range reduction by a power of four, then Newton-Raphson.
 
-    Error (measured, f = 16): relative error below 3e-4 on the domain (the output's last
-    place is 2e-4 of ``1/sqrt(150)``).
+    1. ``b_j = [x >= 4^j]`` for every bin bound (exact comparisons, one batch), and the
+       one-hot ``h`` of ``x``'s bin ``[4^j, 4^(j + 1))`` from their differences (local);
+    2. ``u = sum_j h_j x 4^-j`` in [1, 4), with 24 fractional bits (one product of ``h``
+       with ``x``, the powers folded into ``h``, and one truncation);
+    3. ``r <- r (3 - u r^2) / 2`` three times from ``r = 1.066 - 0.152 u`` (relative error
+       below 0.087, then 1.2e-2, 2e-4, 6e-8);
+    4. ``1 / sqrt(x) = sum_j h_j r 2^-j`` (one product, one truncation).
+
+    Error (measured, f = 16): at most ``1e-5`` relative plus one unit in the last place
+    (``2^-16``). Inputs below the domain are treated as ``2^-14``; above it (or at or below
+    0) the result is wrong. 29 rounds when shared, the reveal included (the direct form on
+    [0.05, 150] it replaces took 55).
     """
     f = _check(x)
-    return _out(x, _rescale(_rsqrt_child(x.child, f), 24, f))
+    onehot, _, r, js = _root_parts(x.child, f)
+    bits = [_ROOT_W + 1] * len(js)
+    return _out(x, _select_shifted(onehot, r, [f - _ROOT_W - j for j in js], bits))
 
 
 def sqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
-    """``sqrt(x) = x * rsqrt(x)`` for ``x`` in [0.05, 150] (the product taken with the
-    24-bit inverse square root); relative error below 1e-4."""
+    """``sqrt(x)`` for ``x`` in [2^-14, 2^44) (at f = 16): as :func:`rsqrt`, then
+    ``sqrt(x) = sum_j h_j (u r) 2^j`` (two more products). Error at most ``1e-5`` relative
+    plus one unit in the last place."""
     f = _check(x)
-    return _out(x, V.product(x.child, _rsqrt_child(x.child, f), "mul", (), 24))
+    onehot, u, r, js = _root_parts(x.child, f)
+    root_u = V.product(u, r, "mul", (), _ROOT_W)  # sqrt(u) in [1, 2)
+    bits = [_ROOT_W + 1] * len(js)
+    return _out(x, _select_shifted(onehot, root_u, [f - _ROOT_W + j for j in js], bits))
 
 
 # ---------------------------------------------------------------------- max, softmax
@@ -338,12 +432,12 @@ def shifted_exp(
 
 
 def softmax(x: FixedPrecisionTensor, dim: int) -> FixedPrecisionTensor:
-    """``softmax(x, dim)`` for differences ``x_i - max(x)`` in [-384, 0] and at most 300
+    """``softmax(x, dim)`` for differences ``x_i - max(x)`` in [-384, 0], over any number of
     entries along ``dim``.
 
     Protocol: ``m = max(x, dim)`` (tournament of exact comparisons), ``e = exp(x - m)``
-    (so every ``e`` is in (0, 1] and the largest is 1), ``S = sum(e)`` in [1, k], and
-    ``e / S`` with the reciprocal's Newton iteration (:func:`shifted_exp`).
+    (so every ``e`` is in (0, 1] and the largest is 1), ``S = sum(e)`` in [1, k]
+    (:func:`shifted_exp`), and ``e / S`` with :func:`reciprocal`'s protocol.
 
     Error (measured, f = 16): absolute error below 1e-3.
     """
