@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from veil.mpc import _ranges as R
 from veil.mpc import _values as V
 from veil.mpc import encoding
 from veil.mpc.fixed import FixedPrecisionTensor
@@ -129,12 +130,12 @@ def _newton_reciprocal(a: Any, y: Any, f: int, iterations: int) -> Any:
 
 def _reciprocal_positive(a: Any, f: int) -> Any:
     """``1 / a`` (``f`` bits) for ``a`` in the domain of :func:`reciprocal`."""
-    w = _ROOT_W
-    onehot, u, js = _reduce(a, f)  # u = a / 4^j in [1, 4)
+    w = R.WIDTH
+    onehot, u, js = R.reduce(a, f)  # u = a / 4^j in [1, 4)
     y = V.sub(_const(0.975, w), _times(u, 0.195, w, w))  # relative error below 0.22
     y = _newton_reciprocal(u, y, w, 4)  # 0.22 -> 4.8e-2 -> 2.3e-3 -> 5.5e-6 -> 3e-11
     bits = [w + 1] * len(js)
-    return _select_shifted(onehot, y, [f - w - 2 * j for j in js], bits)
+    return R.select_shifted(onehot, y, [f - w - 2 * j for j in js], bits)
 
 
 def reciprocal(x: FixedPrecisionTensor, *, positive: bool = False) -> FixedPrecisionTensor:
@@ -248,82 +249,11 @@ def log(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
     return _out(x, y)
 
 
-#: Fractional bits of a square root's reduced input ``u`` in [1, 4) and of its iterates.
-_ROOT_W = 24
-
-
-def _root_bins(f: int) -> tuple[int, int]:
-    """The exponents ``(low, high)`` of the bins ``[4^j, 4^(j + 1))`` a square root reduces
-    its input by: from four ring units (``4^low >= 2^(2 - f)``) to ``4^(high + 1) <=
-    2^(60 - f)``, where the reduction's products stay inside the ring."""
-    return -((f - 2) // 2), (60 - f) // 2 - 1
-
-
-def _bins_of_four(a: Any, f: int) -> Any:
-    """The one-hot ``(..., J)`` of the bin ``[4^j, 4^(j + 1))`` holding each value of ``a``
-    (values below the lowest bin count in it, those above the highest in it): ``J - 1``
-    exact comparisons with the public bounds, in one batch, then differences."""
-    low, high = _root_bins(f)
-    bounds = torch.tensor([_const(4.0**j, f) for j in range(low + 1, high + 1)])
-    c = V.sign(V.sub(V.shape_op(a, "unsqueeze", -1), bounds))  # [a >= 4^j], j > low
-    n = high - low
-    first = V.sub(1, V.shape_op(c, "slice", -1, 0, 1, 1))
-    middle = V.sub(V.shape_op(c, "slice", -1, 0, n - 1, 1), V.shape_op(c, "slice", -1, 1, n, 1))
-    last = V.shape_op(c, "slice", -1, n - 1, n, 1)
-    return V.cat([first, middle, last], "cat", -1)
-
-
-def _groups(exponents: list[int], bits: list[int]) -> list[tuple[int, int, int]]:
-    """Consecutive bins ``(start, stop, top)`` that can share one truncation by ``top``: in
-    each, every bin's value (below ``2^bits[k]`` ring units) times ``2^(exponents[k] + top)``
-    stays below ``2^61``."""
-    groups: list[tuple[int, int, int]] = []
-    start = 0
-    while start < len(exponents):
-        stop = start + 1
-        while stop < len(exponents):
-            top = max(-e for e in exponents[start : stop + 1])
-            if any(bits[k] + exponents[k] + top > 61 for k in range(start, stop + 1)):
-                break
-            stop += 1
-        groups.append((start, stop, max(-e for e in exponents[start:stop])))
-        start = stop
-    return groups
-
-
-def _select_shifted(onehot: Any, value: Any, exponents: list[int], bits: list[int]) -> Any:
-    """``sum_j onehot_j * value * 2^(exponents_j)``: the value scaled by its bin's power of
-    two. One exact product of the one-hot (with public powers of two folded in) and the
-    value, then one truncation per group of bins (:func:`_groups`; one round for all);
-    ``bits[k]`` bounds the value's ring magnitude when it lies in bin ``k``."""
-    plan = _groups(exponents, bits)
-    tops = [top for start, stop, top in plan for _ in range(start, stop)]
-    factors = torch.tensor([1 << (e + t) for e, t in zip(exponents, tops)], dtype=torch.int64)
-    picked = V.product(V.mul_int(onehot, factors), V.shape_op(value, "unsqueeze", -1))
-    out = None
-    for start, stop, top in plan:
-        part = V.shape_op(V.shape_op(picked, "slice", -1, start, stop, 1), "sum", [-1], False)
-        part = V.truncate(part, top) if top > 0 else V.mul_int(part, 1 << -top)
-        out = part if out is None else V.add(out, part)
-    return out
-
-
-def _reduce(a: Any, f: int) -> tuple[Any, Any, list[int]]:
-    """``(onehot, u, js)``: the bins of ``a`` (exponents ``js``) and ``u = a / 4^j`` in
-    [1, 4), with :data:`_ROOT_W` fractional bits."""
-    w = _ROOT_W
-    low, high = _root_bins(f)
-    js = list(range(low, high + 1))
-    onehot = _bins_of_four(a, f)
-    u = _select_shifted(onehot, a, [w - f - 2 * j for j in js], [2 * j + 2 + f for j in js])
-    return onehot, u, js
-
-
 def _root_parts(a: Any, f: int) -> tuple[Any, Any, Any, list[int]]:
-    """``(onehot, u, r, js)``: as :func:`_reduce`, and ``r = 1 / sqrt(u)`` with
-    :data:`_ROOT_W` fractional bits."""
-    w = _ROOT_W
-    onehot, u, js = _reduce(a, f)
+    """``(onehot, u, r, js)``: as :func:`veil.mpc._ranges.reduce`, and ``r = 1 / sqrt(u)``
+    with ``WIDTH`` fractional bits."""
+    w = R.WIDTH
+    onehot, u, js = R.reduce(a, f)
     r = V.sub(_const(1.066, w), _times(u, 0.152, w, w))  # relative error below 0.087
     three = 3 << w
     for _ in range(3):  # relative error 0.087 -> 1.2e-2 -> 2e-4 -> 6e-8
@@ -335,7 +265,7 @@ def _root_parts(a: Any, f: int) -> tuple[Any, Any, Any, list[int]]:
 
 def rsqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
     """``1 / sqrt(x)`` for ``x`` in [2^-14, 2^44) (at f = 16; ``[4^low, 4^(high + 1))`` of
-    :func:`_root_bins` in general).
+    :func:`veil.mpc._ranges.bins` in general).
 
     Protocol: range reduction by a power of four, then Newton-Raphson.
 
@@ -354,8 +284,8 @@ def rsqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
     """
     f = _check(x)
     onehot, _, r, js = _root_parts(x.child, f)
-    bits = [_ROOT_W + 1] * len(js)
-    return _out(x, _select_shifted(onehot, r, [f - _ROOT_W - j for j in js], bits))
+    bits = [R.WIDTH + 1] * len(js)
+    return _out(x, R.select_shifted(onehot, r, [f - R.WIDTH - j for j in js], bits))
 
 
 def sqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
@@ -364,9 +294,9 @@ def sqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
     plus one unit in the last place."""
     f = _check(x)
     onehot, u, r, js = _root_parts(x.child, f)
-    root_u = V.product(u, r, "mul", (), _ROOT_W)  # sqrt(u) in [1, 2)
-    bits = [_ROOT_W + 1] * len(js)
-    return _out(x, _select_shifted(onehot, root_u, [f - _ROOT_W + j for j in js], bits))
+    root_u = V.product(u, r, "mul", (), R.WIDTH)  # sqrt(u) in [1, 2)
+    bits = [R.WIDTH + 1] * len(js)
+    return _out(x, R.select_shifted(onehot, root_u, [f - R.WIDTH + j for j in js], bits))
 
 
 # ---------------------------------------------------------------------- max, softmax
