@@ -204,10 +204,10 @@ APPROX = {
     "sigmoid": (A.sigmoid, torch.sigmoid, (-384.0, 384.0), _abs, 1e-4),
     "tanh": (A.tanh, torch.tanh, (-192.0, 192.0), _abs, 2e-4),
     "erf": (A.erf, torch.erf, (-12.0, 12.0), _abs, 6e-4),
-    "log": (A.log, torch.log, (0.05, 190.0), _abs, 1e-3),
 }
-# Square roots and reciprocals reduce their input by powers of four over [2^-14, 2^44):
-# 1e-5 relative plus one unit in the last place, measured in ULPs beyond the relative part.
+# Square roots, reciprocals and logarithms reduce their input by powers of four over
+# [2^-14, 2^44): 1e-5 relative plus one unit in the last place (measured in ULPs beyond the
+# relative part), and 3e-5 absolute for the logarithm.
 for _lo, _hi in ((2.0**-14, 1.0), (1.0, 2.0**20), (2.0**20, 2.0**43.9)):
     for _name, _fn, _ref in (
         ("sqrt", A.sqrt, torch.sqrt),
@@ -216,6 +216,7 @@ for _lo, _hi in ((2.0**-14, 1.0), (1.0, 2.0**20), (2.0**20, 2.0**43.9)):
         ("reciprocal_neg", lambda t: A.reciprocal(-t), lambda t: -torch.reciprocal(t)),
     ):
         APPROX[f"{_name}_{_lo:.0e}"] = (_fn, _ref, (_lo, _hi), _rel_plus_ulps(1e-5), 1.0)
+    APPROX[f"log_{_lo:.0e}"] = (A.log, torch.log, (_lo, _hi), _abs, 3e-5)
 
 
 @pytest.mark.parametrize("name", sorted(APPROX))

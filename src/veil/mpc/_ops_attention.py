@@ -15,10 +15,9 @@ implements that op and its backward with its own protocols:
 
 Accuracy is that of :func:`veil.mpc.approximations.softmax`: scores within 320 of their
 row's maximum (the domain of ``exp``), any number of keys, absolute error of the weights
-below 1e-3; ``logsumexp`` also needs ``z`` (at most the number of keys) in ``log``'s domain,
-[0.05, 190]. Grouped-query attention raises ``NotImplementedError``. With
-``dropout_p > 0`` torch takes its math path instead (products, softmax and a public
-dropout mask, all veil protocols).
+below 1e-3; ``logsumexp`` adds ``log``'s error (below 2e-5). Grouped-query attention
+raises ``NotImplementedError``. With ``dropout_p > 0`` torch takes its math path instead
+(products, softmax and a public dropout mask, all veil protocols).
 """
 
 from __future__ import annotations
