@@ -202,7 +202,9 @@ APPROX = {
     "exp": (A.exp, torch.exp, (-20.0, 20.0), _rel_or_abs(1.0), 2e-4),
     "exp_low": (A.exp, torch.exp, (-384.0, -20.0), _abs, 3e-5),
     "sigmoid": (A.sigmoid, torch.sigmoid, (-384.0, 384.0), _abs, 1e-4),
+    "sigmoid_wide": (A.sigmoid, torch.sigmoid, (-1e5, 1e5), _abs, 1e-4),  # clamped to ±384
     "tanh": (A.tanh, torch.tanh, (-192.0, 192.0), _abs, 2e-4),
+    "tanh_wide": (A.tanh, torch.tanh, (-1e5, 1e5), _abs, 2e-4),
     "erf": (A.erf, torch.erf, (-12.0, 12.0), _abs, 6e-4),
 }
 # Square roots, reciprocals and logarithms reduce their input by powers of four over
@@ -463,3 +465,18 @@ def test_ties_go_to_the_first_index_as_in_torch(n, seed):
     F.max_pool2d(img, 2).sum().backward()
     F.max_pool2d(a, 2).sum().backward()
     assert torch.equal(reveal(a.grad), img.grad.double())
+
+
+def test_softmax_family_over_any_spread():
+    """Differences below exp's domain (-384) count as -384, whose weight is 0: softmax,
+    log_softmax and cross-entropy of logits spread over thousands stay right."""
+    x = torch.tensor([[0.0, -500.0, -1000.0, 3.0], [1.0, 2.0, 3.0, 4.0], [900.0, -900.0, 0.0, 1.0]])
+    a = sh(x)
+    assert torch.allclose(reveal(torch.softmax(a, 1)), torch.softmax(x, 1).double(), atol=1e-3)
+    assert torch.allclose(
+        reveal(torch.log_softmax(a, 1)), torch.log_softmax(x, 1).double(), atol=1e-3
+    )
+    target = torch.tensor([0, 3, 1])
+    assert torch.allclose(
+        reveal(F.cross_entropy(a, target)), F.cross_entropy(x, target).double(), atol=1e-3
+    )

@@ -72,6 +72,7 @@ def _check(x: FixedPrecisionTensor) -> int:
 
 _EXP_K = 8  # exp(x) = exp(x / 2^8)^(2^8)
 _EXP_MAX = 20.0  # largest input: exp(20) * 2^(2*15) stays below 2^61 in the last square
+_EXP_MIN = -384.0  # smallest input: p(t) keeps decaying down to t = -1.5
 
 
 def _exp_child(a: Any, f: int, f_out: int | None = None) -> Any:
@@ -165,7 +166,14 @@ def reciprocal(x: FixedPrecisionTensor, *, positive: bool = False) -> FixedPreci
 
 
 def _sigmoid_child(a: Any, f: int) -> Any:
-    s = V.sign(a)
+    # One batch of comparisons: s = [x >= 0], and relu(x - B), relu(-x - B) to clamp x to
+    # [-B, B] with B = 384, where exp(-|x|) is still in exp's domain (sigmoid(384) is 1).
+    bound = _const(-_EXP_MIN, f)
+    both = V.cat([a, V.sub(a, bound), V.sub(V.neg(a), bound)], "stack", 0)
+    signs, excess = V.relu(both)
+    s = V.shape_op(signs, "select", 0, 0)
+    over, under = V.shape_op(excess, "select", 0, 1), V.shape_op(excess, "select", 0, 2)
+    a = V.add(V.sub(a, over), under)
     pm = V.sub(V.mul_int(s, 2), 1)  # +1 / -1
     mag = V.product(a, pm)  # |x|
     e = _exp_child(V.neg(mag), f)  # exp(-|x|) in (0, 1]
@@ -177,21 +185,23 @@ def _sigmoid_child(a: Any, f: int) -> Any:
 
 
 def sigmoid(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
-    """``1 / (1 + exp(-x))`` for ``|x| <= 384``.
+    """``1 / (1 + exp(-x))`` for any ``x`` (inputs beyond ``±384`` are clamped to it, where
+    the result is 0 or 1 at 16 fractional bits).
 
-    Protocol: ``s = [x >= 0]`` (exact comparison), ``|x| = x (2s - 1)``,
+    Protocol: in one batch of exact comparisons, ``s = [x >= 0]`` and the ReLUs of
+    ``x - 384`` and ``-x - 384``, which clamp ``x`` to [-384, 384]; ``|x| = x (2s - 1)``,
     ``d = 1 + exp(-|x|)`` in (1, 2], ``1 / d`` by three Newton steps from the linear guess
     ``24/17 - 8/17 d`` (relative error at most 1/17 on [1, 2], squared by each step), and
     ``sigmoid(x) = (1 - s) + (2s - 1) / d``.
 
-    Error (measured, f = 16): absolute error below 1e-4 on the domain.
+    Error (measured, f = 16): absolute error below 1e-4.
     """
     f = _check(x)
     return _out(x, _sigmoid_child(x.child, f))
 
 
 def tanh(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
-    """``tanh(x) = 2 sigmoid(2x) - 1`` for ``|x| <= 192``; absolute error below 2e-4."""
+    """``tanh(x) = 2 sigmoid(2x) - 1`` for any ``x``; absolute error below 2e-4."""
     f = _check(x)
     return _out(x, V.sub(V.mul_int(_sigmoid_child(V.mul_int(x.child, 2), f), 2), 1 << f))
 
@@ -369,10 +379,14 @@ def shifted_exp(
     """Ring values ``(m, e, S)`` shared by the softmax family: ``m = max(x, dim)`` (kept as
     a size-1 dim; a tournament of exact comparisons), ``e = exp(x - m)`` (every ``e`` in
     (0, 1], the largest 1), zeroed where the public 0/1 ``keep`` is 0 (masked attention),
-    and ``S = sum(e, dim)`` in [1, k]."""
+    and ``S = sum(e, dim)`` in [1, k]. Differences below ``-384`` (outside :func:`exp`'s
+    domain) are raised to ``-384`` first, ``relu(d + 384) - 384`` (one ReLU), so any
+    spread of the inputs is handled: their weights are 0 at 16 fractional bits."""
     f = x.precision_bits
     m, _ = max_with_onehot(x, dim)
-    e = _exp_child(V.sub(x.child, m), f)
+    floor = _const(_EXP_MIN, f)
+    _, lifted = V.relu(V.add(V.sub(x.child, m), -floor))
+    e = _exp_child(V.add(lifted, floor), f)
     if keep is not None:
         e = V.mul_int(e, keep.to(torch.int64).expand(tuple(x.shape)))
     return m, e, V.shape_op(e, "sum", [dim], True)
