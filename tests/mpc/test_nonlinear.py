@@ -201,6 +201,7 @@ def _rel_or_abs(scale):
 APPROX = {
     "exp": (A.exp, torch.exp, (-20.0, 20.0), _rel_or_abs(1.0), 2e-4),
     "exp_low": (A.exp, torch.exp, (-384.0, -20.0), _abs, 3e-5),
+    "exp_very_low": (A.exp, torch.exp, (-1e5, -384.0), _abs, 3e-5),  # raised to -384
     "sigmoid": (A.sigmoid, torch.sigmoid, (-384.0, 384.0), _abs, 1e-4),
     "sigmoid_wide": (A.sigmoid, torch.sigmoid, (-1e5, 1e5), _abs, 1e-4),  # clamped to ±384
     "tanh": (A.tanh, torch.tanh, (-192.0, 192.0), _abs, 2e-4),

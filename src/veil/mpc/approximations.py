@@ -101,21 +101,29 @@ def _exp_child(a: Any, f: int, f_out: int | None = None) -> Any:
     return y
 
 
-def exp(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
-    """``exp(x)`` for ``x`` in [-384, 20].
+def _lifted(a: Any, f: int) -> Any:
+    """``max(a, -384)`` (one ReLU): below that, ``exp`` is 0 at 16 fractional bits, and the
+    Taylor stage of :func:`_exp_child` grows again."""
+    floor = _const(_EXP_MIN, f)
+    _, lifted = V.relu(V.add(a, -floor))
+    return V.add(lifted, floor)
 
-    Protocol: ``t = x / 256`` (exact, carried with 28 fractional bits); the degree-4 Taylor
-    polynomial ``p(t)`` from the powers ``t^2`` (one product) and ``t^3, t^4`` (one batched
-    product), with the public coefficients applied in one truncation; then eight squarings
-    ``p(t)^(2^8)``, each with as many fractional bits as the growing value allows.
-    Twenty-one rounds when shared.
+
+def exp(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    """``exp(x)`` for ``x <= 20`` (``exp(20) * 2^16`` is close to the ring's limit).
+
+    Protocol: ``x`` is raised to at least ``-384`` (one ReLU); ``t = x / 256`` (exact,
+    carried with 28 fractional bits); the degree-4 Taylor polynomial ``p(t)`` from the
+    powers ``t^2`` (one product) and ``t^3, t^4`` (one batched product), with the public
+    coefficients applied in one truncation; then eight squarings ``p(t)^(2^8)``, each with
+    as many fractional bits as the growing value allows. Twenty-one rounds when shared, plus
+    the ReLU's.
 
     Error (measured, f = 16): relative error below 2e-4 for ``exp(x) >= 1e-2`` and absolute
-    error below 3e-5 below that. Outside [-384, 20] the result is wrong (``exp(20) * 2^16``
-    is close to the ring's limit; ``p(t)`` stops decaying below ``t = -1.5``).
+    error below 3e-5 below that.
     """
     f = _check(x)
-    return _out(x, _exp_child(x.child, f))
+    return _out(x, _exp_child(_lifted(x.child, f), f))
 
 
 # ---------------------------------------------------------------------- reciprocal
@@ -384,9 +392,7 @@ def shifted_exp(
     spread of the inputs is handled: their weights are 0 at 16 fractional bits."""
     f = x.precision_bits
     m, _ = max_with_onehot(x, dim)
-    floor = _const(_EXP_MIN, f)
-    _, lifted = V.relu(V.add(V.sub(x.child, m), -floor))
-    e = _exp_child(V.add(lifted, floor), f)
+    e = _exp_child(_lifted(V.sub(x.child, m), f), f)
     if keep is not None:
         e = V.mul_int(e, keep.to(torch.int64).expand(tuple(x.shape)))
     return m, e, V.shape_op(e, "sum", [dim], True)
