@@ -1,0 +1,69 @@
+"""``nn.EmbeddingBag`` on shared tables (and shared per-sample weights), forward and
+backward, against plaintext."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from tests.mpc.helpers import local_parties, reveal, shared, tensors
+
+PARTIES, PROVIDER = local_parties(2)
+TOL = 1e-3
+
+
+def sh(x: torch.Tensor):
+    return shared(x, PARTIES, PROVIDER)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(2, 8), st.integers(1, 4), st.lists(st.integers(0, 4), min_size=1, max_size=4),
+    st.sampled_from(["sum", "mean"]), st.booleans(), st.booleans(),
+    st.sampled_from(["none", "public", "shared"]), st.data(),
+)
+def test_embedding_bag_and_its_gradients_match_plaintext(
+    vocab, dim, lengths, mode, padded, last_offset, weights, data
+):
+    if weights != "none" and mode != "sum":
+        weights = "none"  # torch: per-sample weights only with mode="sum"
+    n = sum(lengths)
+    if n == 0:
+        lengths, n = [1], 1
+    indices = torch.tensor(data.draw(st.lists(st.integers(0, vocab - 1), min_size=n, max_size=n)))
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()])
+    if last_offset:
+        offsets = torch.cat([offsets, torch.tensor([n])])
+    padding_idx = data.draw(st.integers(0, vocab - 1)) if padded else None
+    torch.manual_seed(data.draw(st.integers(0, 100)))
+    bag = nn.EmbeddingBag(vocab, dim, mode=mode, include_last_offset=last_offset,
+                          padding_idx=padding_idx)
+    secure = copy.deepcopy(bag).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    psw = data.draw(tensors((n,), 2.0)) if weights != "none" else None
+    plain_psw = psw.clone().requires_grad_() if psw is not None else None
+    secure_psw = sh(psw).requires_grad_() if weights == "shared" else psw
+    ref = bag(indices, offsets, per_sample_weights=plain_psw)
+    got = secure(indices, offsets, per_sample_weights=secure_psw)
+    grad = data.draw(tensors(tuple(ref.shape), 2.0))
+    ref.backward(grad)
+    got.backward(sh(grad))
+    assert torch.allclose(reveal(got), ref.detach().double(), atol=TOL)
+    assert torch.allclose(reveal(secure.weight.grad), bag.weight.grad.double(), atol=TOL)
+    if weights == "shared":
+        assert torch.allclose(reveal(secure_psw.grad), plain_psw.grad.double(), atol=TOL)
+
+
+def test_max_bags_and_secret_indices_are_refused():
+    indices, offsets = torch.tensor([1, 2, 3]), torch.tensor([0, 2])
+    secure = nn.EmbeddingBag(5, 2, mode="max").fix_precision()
+    with pytest.raises(NotImplementedError, match="'max'"):
+        secure(indices, offsets)
+    with pytest.raises(NotImplementedError, match="secret indices"):
+        torch.ops.aten._embedding_bag(
+            torch.ones(5, 2).fix_precision(), indices.fix_precision(), offsets
+        )
