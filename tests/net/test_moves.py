@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
 import pytest
@@ -212,3 +213,50 @@ def _two_sgd_steps(model, x, y):
         loss.backward()
         opt.step()
     return loss
+
+
+def test_views_recurrent_layers_and_wide_roots_over_network_workers(pair):
+    """This session's local share ops over real worker processes: writes through views and
+    masks (slice/select/diagonal scatters, index_put with None in the indices), an LSTM
+    layer and its gradient, an embedding bag, and the range-reduced square root."""
+    pytest.importorskip("veil.mpc")
+    import torch.nn.functional as F
+    from torch import nn
+
+    a, b, _, c, _ = pair
+    torch.manual_seed(9)
+    x = torch.randn(3, 4)
+    lstm = nn.LSTM(4, 2)
+    bag = nn.EmbeddingBag(6, 2, mode="mean")
+    with (
+        connect(a.url, token=a.token, timeout=30) as alice,
+        connect(b.url, token=b.token, timeout=30) as bob,
+        connect(c.url, token=c.token, timeout=30) as carol,
+    ):
+        kw = {"crypto_provider": carol}
+        s = x.fix_precision().share(alice, bob, **kw)
+        plain = x.clone()
+        for t in (s, plain):
+            t[0] = 1.5
+            t[:, 1].add_(1.0)
+            t.diagonal().mul_(2)
+            t[:, torch.tensor([0, 3])] = -0.25
+        torch.testing.assert_close(s.get().float_precision(), plain, atol=1e-4, rtol=0)
+        secure_lstm = copy.deepcopy(lstm).fix_precision().share(alice, bob, **kw)
+        seq = x.unsqueeze(1)
+        out = secure_lstm(x.unsqueeze(1).fix_precision().share(alice, bob, **kw))[0]
+        out.sum().backward()
+        lstm(seq)[0].sum().backward()
+        torch.testing.assert_close(
+            out.get().float_precision(), lstm(seq)[0].detach(), atol=2e-3, rtol=0
+        )
+        grad = secure_lstm.weight_hh_l0.grad.get().float_precision()
+        torch.testing.assert_close(grad, lstm.weight_hh_l0.grad, atol=2e-3, rtol=0)
+        idx, off = torch.tensor([1, 2, 5, 0]), torch.tensor([0, 3])
+        secure_bag = copy.deepcopy(bag).fix_precision().share(alice, bob, **kw)
+        torch.testing.assert_close(
+            secure_bag(idx, off).get().float_precision(), bag(idx, off).detach(), atol=1e-3, rtol=0
+        )
+        big = torch.tensor([1e-3, 2.0, 5e4])
+        root = F.relu(big.fix_precision().share(alice, bob, **kw)).sqrt()
+        torch.testing.assert_close(root.get().float_precision(), big.sqrt(), atol=1e-3, rtol=1e-4)
