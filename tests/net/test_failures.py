@@ -151,3 +151,52 @@ def test_connecting_to_nothing_fails_at_once():
     with pytest.raises(veil.WorkerUnavailable, match="cannot connect"):
         connect(f"ws://127.0.0.1:{free_port()}", timeout=TIMEOUT)
     assert time.monotonic() - t0 < TIMEOUT
+
+
+def test_a_refusal_read_together_with_the_handshake_names_its_reason():
+    """A worker serving too many clients accepts the WebSocket and closes it at once; when
+    the client reads the handshake response and the close frame in one go, it must still
+    report the worker's reason (it used to say 'handshake failed: None')."""
+    import base64
+    import hashlib
+    import socket
+    import struct
+
+    from veil.net._conn import BlockingConnection
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = next(
+                line.split(b":", 1)[1].strip()
+                for line in request.split(b"\r\n")
+                if line.lower().startswith(b"sec-websocket-key")
+            )
+            magic = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            accept = base64.b64encode(hashlib.sha1(key + magic).digest())
+            response = (
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            reason = b"too many clients"
+            payload = struct.pack("!H", 1013) + reason
+            close = bytes([0x88, len(payload)]) + payload
+            conn.sendall(response + close)  # one write: both arrive in one read
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(veil.WorkerUnavailable, match="too many clients"):
+            BlockingConnection(
+                f"ws://127.0.0.1:{port}", timeout=TIMEOUT, ssl_context=None, max_size=None
+            )
+    finally:
+        thread.join(TIMEOUT)
+        server.close()

@@ -105,10 +105,14 @@ class BlockingConnection:
                     if not isinstance(event, Response):
                         self._event(event)  # a first frame can come with the response
             self._write()
-            if self.protocol.handshake_exc is not None or self.protocol.state is not OPEN:
+            if self.protocol.handshake_exc is not None:
                 raise WorkerUnavailable(
                     f"WebSocket handshake with {url} failed: {self.protocol.handshake_exc}"
                 )
+            if self.protocol.state is not OPEN:
+                # Accepted, then closed in the same read (a worker serving too many
+                # clients): report the worker's reason, as a later close would be.
+                raise self._closed()
         except BaseException:
             self.abort()
             raise
