@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/veil demo
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples tools
 
 test: lint
 	$(PY) -m pytest
