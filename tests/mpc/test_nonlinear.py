@@ -481,3 +481,13 @@ def test_softmax_family_over_any_spread():
     assert torch.allclose(
         reveal(F.cross_entropy(a, target)), F.cross_entropy(x, target).double(), atol=1e-3
     )
+
+
+def test_roots_reciprocals_and_logs_degrade_gracefully_below_their_domain():
+    """Down to one ring unit, below [2^-14, 2^44): no overflow, errors of a few percent."""
+    x = torch.tensor([2.0**-16, 2.0**-15, 3 * 2.0**-16])
+    a = sh(x)
+    assert torch.allclose(reveal(A.reciprocal(a, positive=True)), 1 / x.double(), rtol=2e-2)
+    assert torch.allclose(reveal(A.rsqrt(a)), x.double().rsqrt(), rtol=3e-2)
+    assert torch.allclose(reveal(A.sqrt(a)), x.double().sqrt(), rtol=2e-2)
+    assert torch.allclose(reveal(A.log(a)), x.double().log(), atol=0.15)

@@ -144,7 +144,8 @@ def _reciprocal_positive(a: Any, f: int) -> Any:
     onehot, u, js = R.reduce(a, f)  # u = a / 4^j in [1, 4)
     y = V.sub(_const(0.975, w), _times(u, 0.195, w, w))  # relative error below 0.22
     y = _newton_reciprocal(u, y, w, 4)  # 0.22 -> 4.8e-2 -> 2.3e-3 -> 5.5e-6 -> 3e-11
-    bits = [w + 1] * len(js)
+    # y is below 1 on the domain; down to one ring unit (u >= 1/4) it stays below 4
+    bits = [w + 3] * len(js)
     return R.select_shifted(onehot, y, [f - w - 2 * j for j in js], bits)
 
 
@@ -159,7 +160,7 @@ def reciprocal(x: FixedPrecisionTensor, *, positive: bool = False) -> FixedPreci
     comparison), ``|x| = x (2s - 1)`` and the result is multiplied by ``2s - 1``.
 
     Error (measured, f = 16): at most ``1e-5`` relative plus one unit in the last place.
-    Inputs below the domain are treated as ``2^-14``.
+    Below the domain the error grows, to 1.5% at one ring unit; at 0 the result is wrong.
     """
     f = _check(x)
     a = x.child
@@ -263,8 +264,8 @@ def log(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
     ``t^3, t^4``; ``t^5 .. t^8``; ``t^9, t^10``), the public coefficients one truncation,
     the offset none (public integers times the one-hot).
 
-    Error (measured, f = 16): absolute error below 2e-5. Inputs below the domain are
-    treated as ``2^-14``; above it (or at or below 0) the result is wrong.
+    Error (measured, f = 16): absolute error below 2e-5. Below the domain the error grows,
+    to 0.12 at one ring unit; above it (or at or below 0) the result is wrong.
     """
     f = _check(x)
     w = R.WIDTH
@@ -313,13 +314,13 @@ def rsqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
     4. ``1 / sqrt(x) = sum_j h_j r 2^-j`` (one product, one truncation).
 
     Error (measured, f = 16): at most ``1e-5`` relative plus one unit in the last place
-    (``2^-16``). Inputs below the domain are treated as ``2^-14``; above it (or at or below
-    0) the result is wrong. 29 rounds when shared, the reveal included (the direct form on
+    (``2^-16``). Below the domain the error grows, to 2% at one ring unit; above it (or at
+    or below 0) the result is wrong. 29 rounds when shared, the reveal included (the direct form on
     [0.05, 150] it replaces took 55).
     """
     f = _check(x)
     onehot, _, r, js = _root_parts(x.child, f)
-    bits = [R.WIDTH + 1] * len(js)
+    bits = [R.WIDTH + 2] * len(js)  # r is at most 1 on the domain, 2 down to one ring unit
     return _out(x, R.select_shifted(onehot, r, [f - R.WIDTH - j for j in js], bits))
 
 
