@@ -491,3 +491,26 @@ def test_roots_reciprocals_and_logs_degrade_gracefully_below_their_domain():
     assert torch.allclose(reveal(A.rsqrt(a)), x.double().rsqrt(), rtol=3e-2)
     assert torch.allclose(reveal(A.sqrt(a)), x.double().sqrt(), rtol=2e-2)
     assert torch.allclose(reveal(A.log(a)), x.double().log(), atol=0.15)
+
+
+@pytest.mark.parametrize("shared_value", [False, True])
+def test_reductions_over_dim_0_of_a_scalar(shared_value):
+    """torch lets a 0-d tensor reduce over dim 0 (or -1): the value itself, index 0, and a
+    gradient of one. These crashed (an index error, a missing cache, a modulo by zero)."""
+    x = torch.tensor(2.5)
+
+    def enc(t):
+        return sh(t) if shared_value else t.fix_precision()
+
+    def dec(t):
+        return reveal(t) if shared_value else t.float_precision().double()
+
+    assert dec(enc(x).mean(0, keepdim=True)).item() == 2.5
+    for op in (torch.median, torch.max, torch.min, lambda t, d: torch.kthvalue(t, 1, d)):
+        a = enc(x).requires_grad_()
+        value, index = op(a, 0)
+        value.backward()
+        assert dec(value).item() == 2.5 and dec(a.grad).item() == 1.0
+        assert index.shape == ()
+    assert torch.argmax(enc(x), 0).shape == ()
+    assert dec(torch.sort(enc(x), 0)[0]).item() == 2.5

@@ -718,7 +718,7 @@ def count(x: Any, dims: list[int]) -> int:
     """How many values of ``x`` a reduction over ``dims`` combines."""
     n = 1
     for d in dims:
-        n *= x.shape[d]
+        n *= x.shape[d] if x.dim() else 1  # a 0-d tensor reduces over dim 0 or -1 too
     return n
 
 

@@ -311,6 +311,8 @@ def _dropout_backward(func: Any, args: Any, kwargs: Any) -> Any:
 def _max_dim(func: Any, args: Any, kwargs: Any) -> Any:
     x, dim = args[0], args[1]
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if x.dim() == 0:  # torch accepts dim 0 or -1 of a scalar: the value itself, index 0
+        return _copy_scalar(x), FPT(torch.zeros((), dtype=torch.int64), 0, torch.int64)
     values, onehot = A.max_with_onehot(x, dim)
     index = _onehot_index(onehot, dim, x.shape[dim])
     if not keepdim:
@@ -330,6 +332,8 @@ def _scatter(func: Any, args: Any, kwargs: Any) -> Any:
     of the positions times ``src``, plus ``base`` where the one-hot is 0. One product (or
     two when ``base`` is not public zeros), no position revealed."""
     base, dim, index, src = args
+    if type(base) is FPT and base.dim() == 0 and type(src) is FPT:  # a scalar's only place
+        return FPT(V.shape_op(child_of(src), "reshape", []), src.precision_bits, src.dtype)
     cache = getattr(index, "cache", None) if type(index) is FPT else None
     if cache and "perm" in cache and type(src) is FPT and type(base) is FPT:
         return scatter_through_permutation(base, dim, index, src)
@@ -359,6 +363,10 @@ def _onehot_index(onehot: Any, dim: int, k: int) -> Any:
     return V.shape_op(V.mul_int(onehot, positions), "sum", [dim], True)
 
 
+def _copy_scalar(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
+    return FPT(child_of(x), x.precision_bits, x.dtype)
+
+
 @implements(aten.max.default, aten.amax)
 def _max_all(func: Any, args: Any, kwargs: Any) -> Any:
     x = args[0]
@@ -382,6 +390,8 @@ def _argmax(func: Any, args: Any, kwargs: Any) -> Any:
     x = args[0]
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if dim is not None and x.dim() == 0:
+        return FPT(torch.zeros((), dtype=torch.int64), 0, torch.int64)
     if dim is None:
         flat = FPT(V.shape_op(child_of(x), "reshape", [-1]), x.precision_bits, x.dtype)
         _, onehot = A.max_with_onehot(flat, 0)
