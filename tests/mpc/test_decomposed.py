@@ -367,3 +367,28 @@ def test_norms_and_gradient_clipping_over_many_magnitudes(scale):
     for p, q in zip(secure.parameters(), model.parameters(), strict=True):
         # the clipping factor 1 / norm has 16 fractional bits: 0.4% at a norm of 500
         assert torch.allclose(reveal(p.grad), q.grad.double(), rtol=1e-2, atol=8 * ULP)
+
+
+def test_group_norm_with_its_affine_parameters_trains_like_plaintext():
+    """nn.GroupNorm's default (affine) form: torch's decomposition views the scaled
+    statistics through as_strided with contiguous strides (a reshape here)."""
+    torch.manual_seed(11)
+    layer = nn.GroupNorm(2, 6)
+    secure = copy.deepcopy(layer).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    x = torch.randn(3, 6, 4) * 2
+    a, p = sh(x).requires_grad_(), x.clone().requires_grad_()
+    out, ref = secure(a), layer(p)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(reveal(out), ref.detach().double(), atol=2e-3)
+    assert torch.allclose(reveal(a.grad), p.grad.double(), atol=2e-3)
+    for s, q in zip(secure.parameters(), layer.parameters(), strict=True):
+        assert torch.allclose(reveal(s.grad), q.grad.double(), atol=2e-3)
+    with pytest.raises(NotImplementedError, match="contiguous"):
+        torch.as_strided(sh(torch.arange(6.0)), (2, 2), (1, 2))
+
+
+def test_item_decodes_public_values_and_refuses_to_open_shares():
+    assert torch.tensor([1.5, 2.0]).fix_precision().sum().item() == 3.5
+    with pytest.raises(veil.ProtocolError, match=r"get\(\)"):
+        shared(torch.tensor(1.5), *local_parties(2)).item()

@@ -387,6 +387,47 @@ def _slice(func: Any, args: Any, kwargs: Any) -> Any:
     return _views.record(out, x, "slice", params)
 
 
+def _contiguous_strides(size: list[int]) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return strides[::-1]
+
+
+@implements(aten.as_strided.default)
+def _as_strided(func: Any, args: Any, kwargs: Any) -> Any:
+    """``as_strided`` with the contiguous strides of its size over all the values: a
+    reshape (torch's group norm decomposition uses it so). Other strides would read the
+    values' memory layout, which a FixedPrecisionTensor does not have: they raise."""
+    x, size, stride = args[0], list(args[1]), list(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", 0)
+    numel = 1
+    for n in size:
+        numel *= n
+    if (offset or 0) != 0 or numel != x.numel() or (
+        numel > 1 and stride != _contiguous_strides(size)
+    ):
+        raise NotImplementedError(
+            f"{func} with size {size}, stride {stride} and offset {offset} on a "
+            "FixedPrecisionTensor (only a contiguous view of all its values)"
+        )
+    return _shape_handler("reshape")(func, (x, size), {})
+
+
+@implements(aten._local_scalar_dense.default)
+def _item(func: Any, args: Any, kwargs: Any) -> Any:
+    """``.item()``: the value of a public fixed-point scalar; a shared (or remote) one must be
+    revealed explicitly, so that nothing is opened by accident."""
+    x = args[0]
+    if type(x.child) is not torch.Tensor:
+        raise ProtocolError(
+            ".item() would reveal a secret-shared (or remote) value: call "
+            "x.get().float_precision().item() if its owners allow it"
+        )
+    return x.float_precision().item()
+
+
 @implements(aten.narrow.default)
 def _narrow(func: Any, args: Any, kwargs: Any) -> Any:
     x, dim, start, length = args[0], args[1], args[2], args[3]
