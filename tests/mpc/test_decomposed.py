@@ -357,7 +357,9 @@ def test_norms_and_gradient_clipping_over_many_magnitudes(scale):
     only on [0.05, 150] and [0.01, 300])."""
     torch.manual_seed(7)
     x = torch.randn(40) * scale
-    assert torch.allclose(reveal(sh(x).norm()), x.norm().double(), rtol=1e-3, atol=4 * ULP)
+    # 40 squares, each rounded to one unit: up to 40 units on the sum (3.6e-4 measured at
+    # the smallest scale over 150 seeds)
+    assert torch.allclose(reveal(sh(x).norm()), x.norm().double(), rtol=1e-3, atol=1e-3)
     model = nn.Linear(8, 3)
     secure = copy.deepcopy(model).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
     data = torch.randn(16, 8)

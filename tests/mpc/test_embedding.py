@@ -1,5 +1,6 @@
-"""``nn.EmbeddingBag`` on shared tables (and shared per-sample weights), forward and
-backward, against plaintext."""
+"""Reads and writes at public indices against plaintext: ``nn.EmbeddingBag`` on shared
+tables (and shared per-sample weights), and graph-network aggregation (``index_add``,
+``scatter_add``), forward and backward."""
 
 from __future__ import annotations
 
@@ -67,3 +68,29 @@ def test_max_bags_and_secret_indices_are_refused():
         torch.ops.aten._embedding_bag(
             torch.ones(5, 2).fix_precision(), indices.fix_precision(), offsets
         )
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 8), st.integers(1, 3), st.data())
+def test_message_passing_with_public_indices_matches_plaintext(nodes, edges, dim, data):
+    """index_add / scatter_add (and their in-place forms) at public indices, the
+    aggregation of graph networks: local, gradients included."""
+    target = torch.tensor(data.draw(st.lists(st.integers(0, nodes - 1), min_size=edges,
+                                             max_size=edges)))
+    x = data.draw(tensors((nodes, dim), 4.0))
+    messages = data.draw(tensors((edges, dim), 4.0))
+    alpha = data.draw(st.sampled_from([1, 0.5, -2]))
+    plain_m = messages.clone().requires_grad_()
+    secure_m = sh(messages).requires_grad_()
+    ref = x.index_add(0, target, plain_m, alpha=alpha)
+    got = sh(x).index_add(0, target, secure_m, alpha=alpha)
+    assert torch.allclose(reveal(got), ref.detach().double(), atol=TOL)
+    (ref * ref).sum().backward()
+    (got * got).sum().backward()
+    assert torch.allclose(reveal(secure_m.grad), plain_m.grad.double(), atol=1e-2)
+    index = target[:, None].expand(edges, dim)
+    expected = x.scatter_add(0, index, messages).double()
+    assert torch.allclose(reveal(sh(x).scatter_add(0, index, sh(messages))), expected, atol=TOL)
+    inplace = sh(x)
+    inplace.index_add_(0, target, messages)
+    assert torch.allclose(reveal(inplace), x.index_add(0, target, messages).double(), atol=TOL)

@@ -259,6 +259,43 @@ def _index_put(func: Any, args: Any, kwargs: Any) -> Any:
     return x
 
 
+def _add_at(func: Any, args: Any, kwargs: Any, how: str) -> FixedPrecisionTensor:
+    """``x.scatter_add(dim, index, src)`` / ``x.index_add(dim, index, src, alpha=a)`` at
+    public indices: each party adds its share of ``src`` (party 0 a public one) into its
+    share of ``x``. Local: message passing over a public graph costs no round."""
+    x, dim, index, src = args[0], args[1], args[2], args[3]
+    alpha = kwargs.get("alpha", 1)
+    if type(index) is not torch.Tensor:
+        raise NotImplementedError(f"{func}: secret indices")
+    first = fpt_args((x, src))
+    f = first.precision_bits
+    if alpha != 1:
+        src = multiply(src, alpha) if type(src) is FPT else src * alpha
+    cx = _as_child(x, x.precision_bits if type(x) is FPT else None, f)
+    cs = _as_child(src, src.precision_bits if type(src) is FPT else None, f)
+    return FPT(_views.scatter(cx, cs, "add_at", (how, dim, index)), f, first.dtype)
+
+
+@implements(aten.scatter_add.default)
+def _scatter_add(func: Any, args: Any, kwargs: Any) -> Any:
+    return _add_at(func, args, kwargs, "scatter")
+
+
+@implements(aten.index_add.default)
+def _index_add(func: Any, args: Any, kwargs: Any) -> Any:
+    return _add_at(func, args, kwargs, "index")
+
+
+@implements(aten.scatter_add_.default)
+def _scatter_add_(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(_add_at(func, args, kwargs, "scatter"), args[0])
+
+
+@implements(aten.index_add_.default)
+def _index_add_(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(_add_at(func, args, kwargs, "index"), args[0])
+
+
 @implements(aten.is_same_size)
 def _is_same_size(func: Any, args: Any, kwargs: Any) -> Any:
     return tuple(args[0].shape) == tuple(args[1].shape)

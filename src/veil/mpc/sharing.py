@@ -361,6 +361,18 @@ def put(
     return aten.index_put.default(x, indices, values, accumulate)
 
 
+def add_at(
+    x: torch.Tensor, values: torch.Tensor, how: str, dim: int, index: torch.Tensor
+) -> torch.Tensor:
+    """``x.scatter_add(dim, index, values)`` (``how="scatter"``) or
+    ``x.index_add(dim, index, values)`` (``how="index"``), with the values second."""
+    if how == "scatter":
+        return aten.scatter_add.default(x, dim, index, values)
+    if how == "index":
+        return aten.index_add.default(x, dim, index, values)
+    raise ProtocolError(f"unknown add_at kind {how!r}")
+
+
 #: The aten operations a party may apply to its own share (linear, data-independent).
 LOCAL_OPS: dict[str, Any] = {
     # A wrapper claims contiguous strides whatever its child's layout (an expanded or
@@ -410,6 +422,7 @@ LOCAL_OPS: dict[str, Any] = {
     "new_zeros": aten.new_zeros.default,
     "index_put": aten.index_put.default,
     "put": put,
+    "add_at": add_at,
     "scatter_add": aten.scatter_add.default,
     "fold_windows": fold_windows,
 }
