@@ -314,7 +314,7 @@ def rsqrt(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
     4. ``1 / sqrt(x) = sum_j h_j r 2^-j`` (one product, one truncation).
 
     Error (measured, f = 16): at most ``1e-5`` relative plus one unit in the last place
-    (``2^-16``). Below the domain the error grows, to 2% at one ring unit; above it (or at
+    (``2^-16``). Below the domain the error grows, to about 2% at one ring unit; above it (or at
     or below 0) the result is wrong. 29 rounds when shared, the reveal included (the direct form on
     [0.05, 150] it replaces took 55).
     """
