@@ -19,6 +19,7 @@ from tests.mpc.helpers import (
     reveal,
     shaped_tensors,
     shared,
+    tensors,
     worker_parties,
 )
 from veil.mpc._registry import Registry
@@ -394,3 +395,32 @@ def test_item_decodes_public_values_and_refuses_to_open_shares():
     assert torch.tensor([1.5, 2.0]).fix_precision().sum().item() == 3.5
     with pytest.raises(veil.ProtocolError, match=r"get\(\)"):
         shared(torch.tensor(1.5), *local_parties(2)).item()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([(), (3,), (2, 3), (2, 1, 2)]), st.integers(1, 3), st.integers(2, 4),
+    st.sampled_from(["mean", "sum", "none"]), st.booleans(), st.booleans(), st.data(),
+)
+def test_cross_entropy_over_positions_and_single_samples(
+    spatial, batch, classes, reduction, weighted, ignore, data
+):
+    """Segmentation-style scores (N, C, d1, ..., dk), sequences (N, C, L) and one unbatched
+    sample (C,): torch sends them to nll_loss2d (or a batch of one), run per position."""
+    shape = (classes,) if spatial == () and batch == 1 else (batch, classes, *spatial)
+    x = data.draw(tensors(shape, 3.0))
+    target_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    target = torch.randint(0, classes, target_shape, generator=torch.Generator().manual_seed(
+        data.draw(st.integers(0, 1000))))
+    kw: dict = {"reduction": reduction}
+    if weighted and reduction != "none" and len(shape) > 1:
+        kw["weight"] = torch.rand(classes) + 0.5
+    if ignore and target.numel() > 1:
+        target.view(-1)[0] = -100
+    plain, secure = x.clone().requires_grad_(), sh(x).requires_grad_()
+    ref, got = F.cross_entropy(plain, target, **kw), F.cross_entropy(secure, target, **kw)
+    assert torch.allclose(reveal(got), ref.detach().double(), atol=2e-3)
+    grad = data.draw(tensors(tuple(ref.shape), 2.0))
+    ref.backward(grad)
+    got.backward(sh(grad))
+    assert torch.allclose(reveal(secure.grad), plain.grad.double(), atol=2e-3)

@@ -66,9 +66,14 @@ def _mse_loss_backward(func: Any, args: Any, kwargs: Any) -> Any:
 @implements(aten.nll_loss_forward)
 def _nll_loss_forward(func: Any, args: Any, kwargs: Any) -> Any:
     x, target, weight, reduction, ignore_index = args
+    if x.dim() == 1:  # one sample's scores: a batch of one
+        out, total = _nll_loss_forward(
+            func, (x.unsqueeze(0), target.reshape(1), weight, reduction, ignore_index), {}
+        )
+        return (out.reshape(()) if reduction not in (_MEAN, _SUM) else out), total
     if x.dim() != 2 or type(target) is not torch.Tensor or type(weight) is FPT:
         raise NotImplementedError(
-            f"{func}: only 2-D inputs, public class targets and public class weights"
+            f"{func}: only public class targets and public class weights"
         )
     valid = target != ignore_index
     rows = torch.arange(x.shape[0])[valid]
@@ -97,7 +102,13 @@ def _nll_loss_forward(func: Any, args: Any, kwargs: Any) -> Any:
 
 @implements(aten.nll_loss_backward)
 def _nll_loss_backward(func: Any, args: Any, kwargs: Any) -> Any:
-    grad, x, target, weight, reduction, ignore_index, _ = args
+    grad, x, target, weight, reduction, ignore_index, total = args
+    if x.dim() == 1:  # one sample's scores: as a batch of one
+        one = (grad.reshape(1) if reduction not in (_MEAN, _SUM) else grad, x.unsqueeze(0))
+        rows = _nll_loss_backward(
+            func, (*one, target.reshape(1), weight, reduction, ignore_index, total), {}
+        )
+        return rows.reshape(tuple(x.shape))
     if weight is not None:
         return _weighted_nll_backward(grad, x, target, weight, reduction, ignore_index)
     valid = (target != ignore_index).to(torch.int64)
@@ -119,6 +130,38 @@ def _nll_loss_backward(func: Any, args: Any, kwargs: Any) -> Any:
         gg = V.shape_op(child_of(grad), "unsqueeze", 1)
     gg = V.shape_op(gg, "expand", list(x.shape))
     return FPT(V.mul_int(gg, onehot), grad.precision_bits, grad.dtype)
+
+
+def _classes_last(x: Any) -> Any:
+    """``(N, C, H, W)`` scores as ``(N H W, C)`` rows, one per position."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+@implements(aten.nll_loss2d_forward)
+def _nll_loss2d_forward(func: Any, args: Any, kwargs: Any) -> Any:
+    """NLL over positions (segmentation; torch also sends K-dim inputs here, reshaped to
+    4-D): the 2-D protocol on one row per position."""
+    x, target, weight, reduction, ignore_index = args
+    out, total = _nll_loss_forward(
+        func, (_classes_last(x), target.reshape(-1), weight, reduction, ignore_index), {}
+    )
+    if reduction not in (_MEAN, _SUM):
+        out = out.reshape(tuple(target.shape))
+    return out, total
+
+
+@implements(aten.nll_loss2d_backward)
+def _nll_loss2d_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, x, target, weight, reduction, ignore_index, total = args
+    if reduction not in (_MEAN, _SUM):
+        grad = grad.reshape(-1)
+    rows = _nll_loss_backward(
+        func,
+        (grad, _classes_last(x), target.reshape(-1), weight, reduction, ignore_index, total),
+        {},
+    )
+    n, c, h, w = x.shape
+    return rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def _weighted_nll_backward(
