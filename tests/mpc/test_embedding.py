@@ -94,3 +94,31 @@ def test_message_passing_with_public_indices_matches_plaintext(nodes, edges, dim
     inplace = sh(x)
     inplace.index_add_(0, target, messages)
     assert torch.allclose(reveal(inplace), x.index_add(0, target, messages).double(), atol=TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 8), st.sampled_from(["sum", "mean"]), st.booleans(),
+       st.data())
+def test_scatter_reduce_and_scatter_at_public_indices(nodes, edges, reduce, include_self, data):
+    """scatter_reduce with "sum" or "mean" (include_self either way) and scatter of tensors
+    or numbers, gradients included: local, the counts public."""
+    target = torch.tensor(data.draw(st.lists(st.integers(0, nodes - 1), min_size=edges,
+                                             max_size=edges)))[:, None].expand(edges, 2)
+    x, src = data.draw(tensors((nodes, 2), 4.0)), data.draw(tensors((edges, 2), 4.0))
+    px, ps = x.clone().requires_grad_(), src.clone().requires_grad_()
+    sx, ss = sh(x).requires_grad_(), sh(src).requires_grad_()
+    ref = px.scatter_reduce(0, target, ps, reduce, include_self=include_self)
+    got = sx.scatter_reduce(0, target, ss, reduce, include_self=include_self)
+    assert torch.allclose(reveal(got), ref.detach().double(), atol=TOL)
+    grad = data.draw(tensors((nodes, 2), 2.0))
+    ref.backward(grad)
+    got.backward(sh(grad))
+    assert torch.allclose(reveal(sx.grad), px.grad.double(), atol=TOL)
+    assert torch.allclose(reveal(ss.grad), ps.grad.double(), atol=TOL)
+    first = target[:1]  # one position per column: scatter's overwrite is well defined
+    assert torch.allclose(reveal(sh(x).scatter(0, first, sh(src[:1]))),
+                          x.scatter(0, first, src[:1]).double(), atol=TOL)
+    assert torch.allclose(reveal(sh(x).scatter(0, first, -1.5)),
+                          x.scatter(0, first, -1.5).double(), atol=TOL)
+    with pytest.raises(NotImplementedError, match="amax"):
+        sh(x).scatter_reduce(0, target, ss, "amax")

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from veil.mpc import _values as V
+from veil.mpc import _views
 from veil.mpc import approximations as A
 from veil.mpc._ops_fixed import (
+    _as_child,
     _binary_add,
     _inplace,
     child_of,
@@ -334,6 +336,8 @@ def _scatter(func: Any, args: Any, kwargs: Any) -> Any:
     base, dim, index, src = args
     if type(base) is FPT and base.dim() == 0 and type(src) is FPT:  # a scalar's only place
         return FPT(V.shape_op(child_of(src), "reshape", []), src.precision_bits, src.dtype)
+    if type(index) is torch.Tensor:  # public positions: each party writes its share there
+        return _scatter_public(base, dim, index, src)
     cache = getattr(index, "cache", None) if type(index) is FPT else None
     if cache and "perm" in cache and type(src) is FPT and type(base) is FPT:
         return scatter_through_permutation(base, dim, index, src)
@@ -361,6 +365,26 @@ def _onehot_index(onehot: Any, dim: int, k: int) -> Any:
     shape[dim] = k
     positions = torch.arange(k, dtype=torch.int64).view(shape)
     return V.shape_op(V.mul_int(onehot, positions), "sum", [dim], True)
+
+
+def _scatter_public(base: Any, dim: int, index: torch.Tensor, src: Any) -> FixedPrecisionTensor:
+    """``base.scatter(dim, index, src)`` at public positions (``src`` a tensor or a number):
+    local. Each party writes its share of ``src`` (party 0 a public value) there."""
+    first = base if type(base) is FPT else src
+    f = first.precision_bits
+    cb = _as_child(base, base.precision_bits if type(base) is FPT else None, f)
+    if not isinstance(src, torch.Tensor):
+        src = torch.full(tuple(index.shape), float(src))
+    cs = _as_child(src, src.precision_bits if type(src) is FPT else None, f)
+    return FPT(_views.scatter(cb, cs, "add_at", ("put", dim, index)), f, first.dtype)
+
+
+@implements(aten.scatter.value)
+def _scatter_value(func: Any, args: Any, kwargs: Any) -> Any:
+    base, dim, index, value = args[:4]
+    if type(index) is not torch.Tensor:
+        raise NotImplementedError(f"{func}: secret indices")
+    return _scatter_public(base, dim, index, value)
 
 
 def _copy_scalar(x: FixedPrecisionTensor) -> FixedPrecisionTensor:

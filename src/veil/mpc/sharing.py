@@ -364,12 +364,15 @@ def put(
 def add_at(
     x: torch.Tensor, values: torch.Tensor, how: str, dim: int, index: torch.Tensor
 ) -> torch.Tensor:
-    """``x.scatter_add(dim, index, values)`` (``how="scatter"``) or
-    ``x.index_add(dim, index, values)`` (``how="index"``), with the values second."""
+    """``x.scatter_add(dim, index, values)`` (``how="scatter"``),
+    ``x.index_add(dim, index, values)`` (``how="index"``) or ``x.scatter(dim, index,
+    values)`` (``how="put"``, overwriting), with the values second."""
     if how == "scatter":
         return aten.scatter_add.default(x, dim, index, values)
     if how == "index":
         return aten.index_add.default(x, dim, index, values)
+    if how == "put":  # x.scatter(dim, index, values): overwrite, not add
+        return aten.scatter.src(x, dim, index, values)
     raise ProtocolError(f"unknown add_at kind {how!r}")
 
 
