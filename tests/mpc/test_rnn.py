@@ -102,11 +102,26 @@ def test_projections_and_dropout_between_layers_run():
     assert stacked(sh(x))[0].shape == (3, 2, 5)
 
 
-def test_packed_sequences_name_the_op():
-    lstm = secure_copy(nn.LSTM(4, 5))
-    x = sh(torch.randn(3, 2, 4))
-    with pytest.raises(NotImplementedError, match="_pack_padded_sequence"):
-        lstm(nn.utils.rnn.pack_padded_sequence(x, [3, 2]))
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_packed_sequences_run_forward(kind):
+    """Variable-length batches: packing is a public selection of rows; the final states and
+    the packed outputs match plaintext. Training through them raises a TypeError naming the
+    cause (torch builds their gradient as a plain tensor)."""
+    torch.manual_seed(6)
+    layer = kind(3, 4)
+    secure = secure_copy(layer)
+    x, lengths = torch.randn(5, 3, 3), torch.tensor([5, 3, 2])
+    packed = nn.utils.rnn.pack_padded_sequence(sh(x).requires_grad_(), lengths)
+    out, state = secure(packed)
+    ref_out, ref_state = layer(nn.utils.rnn.pack_padded_sequence(x, lengths))
+    final, ref_final = (state[0], ref_state[0]) if kind is nn.LSTM else (state, ref_state)
+    assert torch.allclose(reveal(final), ref_final.detach().double(), atol=TOL)
+    assert torch.allclose(reveal(out.data), ref_out.data.detach().double(), atol=TOL)
+    assert torch.equal(out.batch_sizes, ref_out.batch_sizes)
+    with pytest.raises(TypeError, match="packed sequences"):
+        final.sum().backward()
+    with pytest.raises(TypeError, match="pad_packed_sequence"):
+        nn.utils.rnn.pad_packed_sequence(out)
 
 
 def test_other_recurrent_layer_modes_are_refused():

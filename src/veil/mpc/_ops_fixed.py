@@ -224,9 +224,11 @@ def _copy_(func: Any, args: Any, kwargs: Any) -> Any:
     if type(dst) is not FPT:
         raise TypeError(
             f"{func}: fixed-precision values cannot be written into a plain {dst.dtype} tensor "
-            f"of shape {tuple(dst.shape)} (for instance a plain module's buffer, such as "
-            "BatchNorm's running statistics, fed shared inputs: convert the module with "
-            ".fix_precision() and share it too)"
+            f"of shape {tuple(dst.shape)}. Either a plain module's buffer (such as "
+            "BatchNorm's running statistics) is fed shared inputs: convert the module with "
+            ".fix_precision() and share it too; or a torch kernel builds its result as a "
+            "plain tensor (pad_packed_sequence, the gradient through packed sequences), "
+            "which cannot hold fixed-point values"
         )
     c = _as_child(src, src.precision_bits if type(src) is FPT else None, dst.precision_bits)
     if tuple(c.shape) != tuple(dst.shape):

@@ -35,7 +35,11 @@ Accuracy: that of :func:`~veil.mpc.approximations.sigmoid` (absolute error below
 gate pre-activations ``|G| <= 192``) and of ``tanh`` (below 2e-4), plus one truncation per
 product; errors add up over the steps, as rounding does in plaintext. With ``proj_size``
 torch takes its composite path instead (products and activations, all veil protocols).
-Packed sequences raise ``NotImplementedError`` (``aten._pack_padded_sequence``).
+
+Packed sequences (``pack_padded_sequence``, public lengths) run forward: packing is a public
+selection of rows, and torch runs ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` on them with
+products and activations. Their gradient and ``pad_packed_sequence`` raise a ``TypeError``:
+torch's kernels for them build plain tensors, which cannot hold fixed-point values.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from typing import Any
 
 import torch
 
+from veil.mpc import _values as V
 from veil.mpc import approximations as A
-from veil.mpc._ops_fixed import _binary_add, matmul, multiply
+from veil.mpc._ops_fixed import _binary_add, child_of, matmul, multiply
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
 aten = torch.ops.aten
@@ -175,6 +180,28 @@ def _lstm_layer_backward(func: Any, args: Any, kwargs: Any) -> Any:
         db = torch.zeros(b_ih.shape[0])
     dcx = dc if dc is not None else torch.zeros(batch, hd)
     return dx, dw_ih, dw_hh, db, db, dh.reshape(hx.shape), dcx.reshape(cx.shape)
+
+
+def _packed_positions(lead: tuple[int, int], lengths: torch.Tensor, batch_first: bool) -> Any:
+    """Which (time, batch) positions, in row-major order, a packed sequence holds, as torch
+    itself packs them (its own op on the positions' numbers)."""
+    numbers = torch.arange(lead[0] * lead[1], dtype=torch.float64).reshape(lead)
+    positions, batch_sizes = aten._pack_padded_sequence.default(numbers, lengths, batch_first)
+    return positions.long(), batch_sizes
+
+
+@implements(aten._pack_padded_sequence)
+def _pack_padded(func: Any, args: Any, kwargs: Any) -> Any:
+    """``pack_padded_sequence``: the lengths are public, so packing is a public selection of
+    rows (local)."""
+    x, lengths, batch_first = args[0], args[1], args[2]
+    if type(lengths) is not torch.Tensor:
+        raise NotImplementedError(f"{func}: secret lengths")
+    lead = (x.shape[0], x.shape[1])
+    positions, batch_sizes = _packed_positions(lead, lengths, batch_first)
+    rows = V.shape_op(child_of(x), "reshape", [lead[0] * lead[1], *x.shape[2:]])
+    data = FPT(V.shape_op(rows, "index", [positions]), x.precision_bits, x.dtype)
+    return data, batch_sizes
 
 
 def _cat_mixed(parts: list[Any]) -> Any:
