@@ -149,6 +149,10 @@ def test_avg_pool2d_and_its_gradient(args):
         (F.avg_pool3d, (2, 1, 0, False, True, 3), (1, 2, 4, 4, 3)),  # divisor_override
         (F.avg_pool2d, (2,), (3, 4, 5)),
         (F.adaptive_avg_pool3d, (1,), (2, 3, 4, 4, 2)),  # global average pooling
+        (F.adaptive_max_pool2d, (1,), (2, 3, 4, 6)),  # global max pooling
+        (F.adaptive_max_pool2d, ((2, 3),), (2, 3, 4, 6)),
+        (F.adaptive_max_pool3d, ((2, 1, 1),), (1, 2, 4, 4, 2)),
+        (F.adaptive_max_pool1d, (2,), (2, 3, 6)),
     ],
 )
 def test_3d_and_unbatched_pooling_and_their_gradients(pool, args, shape):
@@ -515,3 +519,8 @@ def test_reductions_over_dim_0_of_a_scalar(shared_value):
         assert index.shape == ()
     assert torch.argmax(enc(x), 0).shape == ()
     assert dec(torch.sort(enc(x), 0)[0]).item() == 2.5
+
+
+def test_adaptive_max_pooling_needs_dividing_sizes():
+    with pytest.raises(NotImplementedError, match="does not divide"):
+        F.adaptive_max_pool2d(sh(torch.randn(1, 1, 5, 5)), 2)

@@ -268,4 +268,29 @@ def _max_pool_backward(func: Any, args: Any, kwargs: Any) -> Any:
     return FPT(out, grad.precision_bits, grad.dtype)
 
 
+@implements(aten.adaptive_max_pool2d, aten.adaptive_max_pool3d)
+def _adaptive_max_pool(func: Any, args: Any, kwargs: Any) -> Any:
+    """Adaptive max pooling whose output size divides the input's (global max pooling, an
+    output of 1, always does): max pooling with kernel = stride = input / output."""
+    x, size = args[0], args[1]
+    d = 3 if "pool3d" in str(func) else 2
+    size = ntuple(size, d)
+    spatial = tuple(x.shape[-d:])
+    size = tuple(n if o is None else o for o, n in zip(size, spatial))
+    if any(o <= 0 or n % o for o, n in zip(size, spatial)):
+        raise NotImplementedError(
+            f"{func}: output size {size} does not divide the input's {spatial} (windows of "
+            "different sizes)"
+        )
+    kernel = tuple(n // o for o, n in zip(size, spatial))
+    pool = aten.max_pool3d_with_indices if d == 3 else aten.max_pool2d_with_indices
+    return _max_pool(pool.default, (x, list(kernel), list(kernel)), {})
+
+
+@implements(aten.adaptive_max_pool2d_backward, aten.adaptive_max_pool3d_backward)
+def _adaptive_max_pool_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, _, indices = args
+    return _max_pool_backward(func, (grad, indices), {})
+
+
 __all__ = ["SecretIndices"]
