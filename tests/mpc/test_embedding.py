@@ -122,3 +122,38 @@ def test_scatter_reduce_and_scatter_at_public_indices(nodes, edges, reduce, incl
                           x.scatter(0, first, -1.5).double(), atol=TOL)
     with pytest.raises(NotImplementedError, match="amax"):
         sh(x).scatter_reduce(0, target, ss, "amax")
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.sampled_from([1.0, 2.0]),
+       st.booleans(), st.data())
+def test_cdist_and_its_gradients_match_plaintext(n, m, d, p, batched, data):
+    """Pairwise distances (p = 2 and p = 1), batched or not, against plaintext; one pair of
+    equal points checks torch's zero gradient there. Points lie on a grid of 1/4: below
+    about 0.05 a distance has too few bits at 16 fractional bits for its gradient ``1/d``."""
+    lead = (2,) if batched else ()
+
+    def grid(shape):
+        size = 1
+        for s in shape:
+            size *= s
+        values = data.draw(st.lists(st.integers(-12, 12), min_size=size, max_size=size))
+        return torch.tensor(values, dtype=torch.float32).reshape(shape) / 4
+
+    x, y = grid((*lead, n, d)), grid((*lead, m, d))
+    y[..., 0, :] = x[..., 0, :]  # a distance of exactly 0
+    px, py = x.clone().requires_grad_(), y.clone().requires_grad_()
+    sx, sy = sh(x).requires_grad_(), sh(y).requires_grad_()
+    ref, got = torch.cdist(px, py, p=p), torch.cdist(sx, sy, p=p)
+    # the square root near 0 sees the squared distance's rounding: sqrt(3 units) ~ 7e-3
+    assert torch.allclose(reveal(got), ref.detach().double(), atol=1e-2 if p == 2 else TOL)
+    grad = data.draw(tensors(tuple(ref.shape), 2.0))
+    ref.backward(grad)
+    got.backward(sh(grad))
+    assert torch.allclose(reveal(sx.grad), px.grad.double(), atol=1e-2)
+    assert torch.allclose(reveal(sy.grad), py.grad.double(), atol=1e-2)
+
+
+def test_cdist_other_norms_are_refused():
+    with pytest.raises(NotImplementedError, match="only 1 and 2"):
+        torch.cdist(sh(torch.ones(2, 2)), sh(torch.ones(3, 2)), p=3)

@@ -22,6 +22,7 @@ from veil.mpc import (  # noqa: F401
     _methods,
     _ops_attention,
     _ops_conv,
+    _ops_distance,
     _ops_embedding,
     _ops_fixed,
     _ops_logical,
