@@ -13,7 +13,7 @@ import torch
 
 from veil.mpc import _values as V
 from veil.mpc import _views
-from veil.mpc.sharing import _WRITES, OPS, AdditiveSharingTensor
+from veil.mpc.sharing import OPS, AdditiveSharingTensor
 
 aten = torch.ops.aten
 AST = AdditiveSharingTensor
@@ -118,10 +118,6 @@ def _sub_(func: Any, args: Any, kwargs: Any) -> Any:
 @implements(aten.mul_.Tensor, aten.mul_.Scalar)
 def _mul_(func: Any, args: Any, kwargs: Any) -> Any:
     return _inplace(_mul(func, args, kwargs), args[0])
-
-
-_WRITES.update((aten.add_.Tensor, aten.add_.Scalar, aten.sub_.Tensor, aten.sub_.Scalar))
-_WRITES.update((aten.mul_.Tensor, aten.mul_.Scalar))
 
 
 @implements(aten.sum.dim_IntList)

@@ -27,7 +27,10 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
+
 from veil.mpc import _values as V
+from veil.mpc._runtime import merge
 from veil.mpc.sharing import AdditiveSharingTensor
 
 AST = AdditiveSharingTensor
@@ -49,6 +52,9 @@ VIEW_OPS = _RESHAPES | _PERMUTES | _REPEATS | frozenset(_SCATTERS) | {"alias"}
 #: The in-place view ops (``squeeze_``, ``t_``, ...): they change a tensor's shape, not its
 #: values (their handlers call :func:`reshaped`).
 SHAPE_WRITES = frozenset(op for _, op in V.INPLACE_SHAPE_OPS)
+
+#: Whether an op writes into its first argument's values (filled per op on first use).
+_WRITES: dict[Any, bool] = {}
 
 #: Dead weak references a root may hold before they are swept.
 _SWEEP = 32
@@ -105,17 +111,11 @@ def scatter(base: Any, src: Any, name: str, args: tuple[Any, ...]) -> Any:
     sb, ss = type(base) is AST, type(src) is AST
     if not sb and not ss:
         return V.shape_op(base, name, src, *args)
-    ctx = base.ctx if not ss else src.ctx if not sb else _merged(base, src)
+    ctx = base.ctx if not ss else src.ctx if not sb else merge(base.ctx, src.ctx)
     n = ctx.n
     bases = base.shares if sb else [base] + [base.new_zeros(base.shape)] * (n - 1)
     srcs = src.shares if ss else [src] + [src.new_zeros(src.shape)] * (n - 1)
     return AST(V.apply_each(ctx, name, [(b, s, *args) for b, s in zip(bases, srcs)]), ctx)
-
-
-def _merged(a: AST, b: AST) -> Any:
-    from veil.mpc._runtime import merge
-
-    return merge(a.ctx, b.ctx)
 
 
 def _put_back(old: Any, new: Any, name: str, args: tuple[Any, ...]) -> Any:
@@ -137,6 +137,19 @@ def _put_back(old: Any, new: Any, name: str, args: tuple[Any, ...]) -> Any:
         f"an in-place write into a view made by {name!r} of a FixedPrecisionTensor (one "
         "element appears more than once in it); write into a .clone() instead"
     )
+
+
+def sync(func: Any, args: tuple[Any, ...]) -> None:
+    """After the aten op ``func`` ran on a wrapper (fixed-point or shared): if it wrote into
+    its first argument's values and that is a view or has views, carry the write over
+    (:func:`written`). The dispatch of both wrappers calls this."""
+    writes = _WRITES.get(func)
+    if writes is None:
+        writes = _WRITES[func] = func._schema.is_mutable and func not in SHAPE_WRITES
+    if writes:
+        x = args[0]
+        if isinstance(x, torch.Tensor) and ("_view_of" in x.__dict__ or "_views" in x.__dict__):
+            written(x)
 
 
 def written(x: Any) -> None:
@@ -185,4 +198,4 @@ def reshaped(x: Any, name: str, args: tuple[Any, ...], old_shape: tuple[int, ...
             view._view_of = (x, (back, *view._view_of[1]))
 
 
-__all__ = ["SHAPE_WRITES", "VIEW_OPS", "record", "reshaped", "scatter", "written"]
+__all__ = ["SHAPE_WRITES", "VIEW_OPS", "record", "reshaped", "scatter", "sync", "written"]

@@ -35,8 +35,6 @@ def _write_out(target: Any, value: Any) -> None:
 
 #: The aten-level operations of :class:`FixedPrecisionTensor`.
 OPS = Registry("FixedPrecisionTensor", decompose=True, write_out=_write_out)
-#: Whether an op writes into its first argument (filled per op on first dispatch).
-_WRITES: dict[Any, bool] = {}
 
 
 class FixedPrecisionTensor(torch.Tensor):
@@ -70,15 +68,7 @@ class FixedPrecisionTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = OPS.lookup(func)(func, args, kwargs or {})
-        writes = _WRITES.get(func)
-        if writes is None:
-            writes = _WRITES[func] = func._schema.is_mutable and func not in _views.SHAPE_WRITES
-        if writes:
-            x = args[0]
-            if type(x) is FixedPrecisionTensor and (
-                "_view_of" in x.__dict__ or "_views" in x.__dict__
-            ):
-                _views.written(x)  # a view's write reaches its base, and the base's views
+        _views.sync(func, args)  # a write into a view reaches its base, and the base's views
         return out
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:

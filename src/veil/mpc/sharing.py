@@ -32,8 +32,6 @@ aten = torch.ops.aten
 
 #: The aten-level operations of :class:`AdditiveSharingTensor` (integer ring semantics).
 OPS = Registry("AdditiveSharingTensor")
-#: The registered ops that write into their first argument (see ``_ops_shared``).
-_WRITES: set[Any] = set()
 
 
 class AdditiveSharingTensor(torch.Tensor):
@@ -118,12 +116,9 @@ class AdditiveSharingTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = OPS.lookup(func)(func, args, kwargs or {})
-        if func in _WRITES:
-            from veil.mpc import _views
+        from veil.mpc import _views  # it builds on this module
 
-            x = args[0]
-            if "_view_of" in x.__dict__ or "_views" in x.__dict__:
-                _views.written(x)  # a view's write reaches its base, and the base's views
+        _views.sync(func, args)  # a write into a view reaches its base, and the base's views
         return out
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
