@@ -288,6 +288,25 @@ def refresh(x: AdditiveSharingTensor) -> AdditiveSharingTensor:
 # ---------------------------------------------------------------------- local per-share ops
 
 
+def _sum_windows(
+    parts: torch.Tensor, grid: list[int], dilation: list[int], stride: list[int]
+) -> torch.Tensor:
+    """Windows ``(N, C, *kernel, *outputs)`` summed onto a zero ``(N, C, *grid)`` grid at
+    their positions (element ``k`` of the window at output ``o`` lands on ``o * stride +
+    k * dilation``; overlaps add): the scatter-add of :func:`fold_windows` and
+    :func:`col2im`, 2-D or 3-D."""
+    d = len(grid)
+    kernel, outs = parts.shape[2 : 2 + d], parts.shape[2 + d :]
+    out = parts.new_zeros((*parts.shape[:2], *grid))
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        target = tuple(
+            slice(o * r, o * r + s * (n - 1) + 1, s)
+            for o, r, s, n in zip(offset, dilation, stride, outs)
+        )
+        out[(slice(None), slice(None), *target)] += parts[(slice(None), slice(None), *offset)]
+    return out
+
+
 def fold_windows(
     contrib: torch.Tensor, kernel: list[int], stride: list[int], shape: list[int]
 ) -> torch.Tensor:
@@ -296,13 +315,8 @@ def fold_windows(
     d = len(kernel)
     outs = list(contrib.shape[2 : 2 + d])
     parts = contrib.reshape(*contrib.shape[:2], *outs, *kernel)
-    out = contrib.new_zeros((*contrib.shape[:2], *shape[-d:]))
-    for offset in itertools.product(*(range(k) for k in kernel)):
-        target = tuple(
-            slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offset, stride, outs)
-        )
-        out[(slice(None), slice(None), *target)] += parts[(..., *offset)]
-    return out
+    parts = parts.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))
+    return _sum_windows(parts, list(shape[-d:]), [1] * d, list(stride))
 
 
 def im2col(
@@ -336,15 +350,7 @@ def col2im(
     ho = (hp - dh * (kh - 1) - 1) // sh + 1
     wo = (wp - dw * (kw - 1) - 1) // sw + 1
     parts = cols.reshape(n, c, kh, kw, ho, wo)
-    out = cols.new_zeros((n, c, hp, wp))
-    for i in range(kh):
-        for j in range(kw):
-            out[
-                :,
-                :,
-                i * dh : i * dh + sh * (ho - 1) + 1 : sh,
-                j * dw : j * dw + sw * (wo - 1) + 1 : sw,
-            ] += parts[:, :, i, j]
+    out = _sum_windows(parts, [hp, wp], [dh, dw], [sh, sw])
     return out[:, :, ph : ph + h, pw : pw + w]
 
 
