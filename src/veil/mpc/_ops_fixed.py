@@ -251,14 +251,23 @@ def _index_put(func: Any, args: Any, kwargs: Any) -> Any:
     for ix in indices:
         if ix is not None and type(ix) is not torch.Tensor:
             raise NotImplementedError(f"{func}: writing at secret indices is not supported")
-    f = x.precision_bits
-    c = _as_child(values, values.precision_bits if type(values) is FPT else None, f)
-    child = _views.scatter(child_of(x), c, "put", (list(indices), bool(accumulate)))
+    out = written_at(x, values, "put", (list(indices), bool(accumulate)))
     if func.overloadpacket is aten.index_put:
-        return FPT(child, f, x.dtype)
-    x.child = child
+        return out
+    x.child = out.child
     x.__dict__.pop("cache", None)
     return x
+
+
+def written_at(x: Any, src: Any, name: str, params: tuple[Any, ...]) -> FixedPrecisionTensor:
+    """``x`` with ``src`` written or added at public positions by the local scatter op
+    ``name`` (``put``, ``add_at``: see :func:`veil.mpc._views.scatter`): each party writes
+    its share of ``src`` (party 0 a public one) into its share of ``x``. No round."""
+    first = fpt_args((x, src))
+    f = first.precision_bits
+    cx = _as_child(x, x.precision_bits if type(x) is FPT else None, f)
+    cs = _as_child(src, src.precision_bits if type(src) is FPT else None, f)
+    return FPT(_views.scatter(cx, cs, name, params), f, first.dtype)
 
 
 def _add_at(func: Any, args: Any, kwargs: Any, how: str) -> FixedPrecisionTensor:
@@ -269,13 +278,9 @@ def _add_at(func: Any, args: Any, kwargs: Any, how: str) -> FixedPrecisionTensor
     alpha = kwargs.get("alpha", 1)
     if type(index) is not torch.Tensor:
         raise NotImplementedError(f"{func}: secret indices")
-    first = fpt_args((x, src))
-    f = first.precision_bits
     if alpha != 1:
         src = multiply(src, alpha) if type(src) is FPT else src * alpha
-    cx = _as_child(x, x.precision_bits if type(x) is FPT else None, f)
-    cs = _as_child(src, src.precision_bits if type(src) is FPT else None, f)
-    return FPT(_views.scatter(cx, cs, "add_at", (how, dim, index)), f, first.dtype)
+    return written_at(x, src, "add_at", (how, dim, index))
 
 
 @implements(aten.scatter_add.default)
@@ -890,4 +895,5 @@ __all__ = [
     "scale",
     "scale_each",
     "wrap",
+    "written_at",
 ]

@@ -10,10 +10,8 @@ from typing import Any
 import torch
 
 from veil.mpc import _values as V
-from veil.mpc import _views
 from veil.mpc import approximations as A
 from veil.mpc._ops_fixed import (
-    _as_child,
     _binary_add,
     _inplace,
     child_of,
@@ -21,6 +19,7 @@ from veil.mpc._ops_fixed import (
     fixed_pair,
     multiply,
     reduce_sum,
+    written_at,
 )
 from veil.mpc._ops_sort import scatter_through_permutation
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
@@ -370,13 +369,9 @@ def _onehot_index(onehot: Any, dim: int, k: int) -> Any:
 def _scatter_public(base: Any, dim: int, index: torch.Tensor, src: Any) -> FixedPrecisionTensor:
     """``base.scatter(dim, index, src)`` at public positions (``src`` a tensor or a number):
     local. Each party writes its share of ``src`` (party 0 a public value) there."""
-    first = base if type(base) is FPT else src
-    f = first.precision_bits
-    cb = _as_child(base, base.precision_bits if type(base) is FPT else None, f)
     if not isinstance(src, torch.Tensor):
         src = torch.full(tuple(index.shape), float(src))
-    cs = _as_child(src, src.precision_bits if type(src) is FPT else None, f)
-    return FPT(_views.scatter(cb, cs, "add_at", ("put", dim, index)), f, first.dtype)
+    return written_at(base, src, "add_at", ("put", dim, index))
 
 
 @implements(aten.scatter.value)
