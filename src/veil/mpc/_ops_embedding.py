@@ -84,6 +84,11 @@ def _spread(coef: torch.Tensor, offset2bag: torch.Tensor, bags: int) -> torch.Te
     return out
 
 
+def _rows(x: Any, index: torch.Tensor) -> FixedPrecisionTensor:
+    """``x[index]``: the rows at public positions (local)."""
+    return FPT(V.shape_op(child_of(x), "index", [index]), x.precision_bits, x.dtype)
+
+
 def _bag_count(offsets: torch.Tensor, include_last_offset: bool) -> int:
     return offsets.numel() - 1 if include_last_offset else offsets.numel()
 
@@ -105,8 +110,7 @@ def _embedding_bag(func: Any, args: Any, kwargs: Any) -> Any:
     offset2bag, bag_size, max_indices = _bookkeeping(
         weight, indices, offsets, mode, a["include_last_offset"], padding_idx
     )
-    rows = FPT(V.shape_op(child_of(weight), "index", [indices]), weight.precision_bits,
-               weight.dtype)
+    rows = _rows(weight, indices)
     if type(psw) is FPT:
         rows = multiply(rows, psw.unsqueeze(-1))
     coef = _coefficients(indices, offset2bag, bag_size, mode, psw, padding_idx)
@@ -138,9 +142,7 @@ def _dense_backward(grad: Any, indices: torch.Tensor, offset2bag: torch.Tensor,
                     padding_idx: int) -> Any:
     """``dW``: each position's ``c_i dY[bag_i]`` (times a shared weight) added at its row."""
     coef = _coefficients(indices, offset2bag, bag_size, mode, psw, padding_idx)
-    rows = FPT(V.shape_op(child_of(grad), "index", [offset2bag]), grad.precision_bits,
-               grad.dtype)
-    rows = multiply(rows, coef.unsqueeze(-1).to(grad.dtype))
+    rows = multiply(_rows(grad, offset2bag), coef.unsqueeze(-1).to(grad.dtype))
     if type(psw) is FPT:
         rows = multiply(rows, psw.unsqueeze(-1))
     zeros = torch.zeros((int(num_weights), grad.shape[-1]), dtype=torch.int64)
@@ -154,10 +156,7 @@ def _embedding_bag_weights_backward(func: Any, args: Any, kwargs: Any) -> Any:
     padding_idx = args[6] if len(args) > 6 else kwargs.get("padding_idx", -1)
     if mode != 0:
         raise NotImplementedError(f"{func}: per-sample weights need mode 'sum'")
-    g = FPT(V.shape_op(child_of(grad), "index", [offset2bag]), grad.precision_bits, grad.dtype)
-    w = FPT(V.shape_op(child_of(weight), "index", [indices]), weight.precision_bits,
-            weight.dtype)
-    out = reduce_sum(multiply(g, w), [-1])
+    out = reduce_sum(multiply(_rows(grad, offset2bag), _rows(weight, indices)), [-1])
     if padding_idx >= 0:
         out = multiply(out, (indices != padding_idx).to(torch.int64))
     return out

@@ -9,6 +9,7 @@ truncate ``min(f, g)`` bits.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -551,7 +552,7 @@ def _split(func: Any, args: Any, kwargs: Any) -> Any:
                 how = -(-size // how)
             if isinstance(how, int):  # pieces of that size, the last one shorter
                 how = [min(how, size - s) for s in range(0, size, how)]
-            ends = [sum(how[: i + 1]) for i in range(len(how))]
+            ends = list(itertools.accumulate(how))
             bounds = list(zip([0, *ends[:-1]], ends))
         views = [("slice", (dim, a, max(a, b), 1)) for a, b in bounds]
     return [

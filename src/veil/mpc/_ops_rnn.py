@@ -182,25 +182,18 @@ def _lstm_layer_backward(func: Any, args: Any, kwargs: Any) -> Any:
     return dx, dw_ih, dw_hh, db, db, dh.reshape(hx.shape), dcx.reshape(cx.shape)
 
 
-def _packed_positions(lead: tuple[int, int], lengths: torch.Tensor, batch_first: bool) -> Any:
-    """Which (time, batch) positions, in row-major order, a packed sequence holds, as torch
-    itself packs them (its own op on the positions' numbers)."""
-    numbers = torch.arange(lead[0] * lead[1], dtype=torch.float64).reshape(lead)
-    positions, batch_sizes = aten._pack_padded_sequence.default(numbers, lengths, batch_first)
-    return positions.long(), batch_sizes
-
-
 @implements(aten._pack_padded_sequence)
 def _pack_padded(func: Any, args: Any, kwargs: Any) -> Any:
     """``pack_padded_sequence``: the lengths are public, so packing is a public selection of
-    rows (local)."""
+    rows (local): those torch itself picks when it packs the rows' numbers."""
     x, lengths, batch_first = args[0], args[1], args[2]
     if type(lengths) is not torch.Tensor:
         raise NotImplementedError(f"{func}: secret lengths")
     lead = (x.shape[0], x.shape[1])
-    positions, batch_sizes = _packed_positions(lead, lengths, batch_first)
+    numbers = torch.arange(lead[0] * lead[1], dtype=torch.float64).reshape(lead)
+    positions, batch_sizes = aten._pack_padded_sequence.default(numbers, lengths, batch_first)
     rows = V.shape_op(child_of(x), "reshape", [lead[0] * lead[1], *x.shape[2:]])
-    data = FPT(V.shape_op(rows, "index", [positions]), x.precision_bits, x.dtype)
+    data = FPT(V.shape_op(rows, "index", [positions.long()]), x.precision_bits, x.dtype)
     return data, batch_sizes
 
 

@@ -101,10 +101,9 @@ def _topk(func: Any, args: Any, kwargs: Any) -> Any:
 def _kth(x: FixedPrecisionTensor, k: int, dim: int, keepdim: bool) -> Any:
     """The ``k``-th smallest value (1-based) along ``dim`` and its secret index."""
     if x.dim() == 0:  # torch accepts dim 0 or -1 of a scalar: the value itself, index 0
-        values, index = _kth(x.reshape(1), k, 0, False)
-        return values, index
+        return _kth(x.reshape(1), k, 0, False)
     dim = dim % x.dim()
-    size = x.shape[dim] if x.dim() else 1
+    size = x.shape[dim]
     if not 1 <= k <= size:
         raise ValueError(f"kthvalue: k={k} out of range for a dim of size {size}")
     values, indices = _sorted(x, dim, False, k)
