@@ -56,24 +56,40 @@ def test_native_conv_is_exact_mod_2_64():
     assert out[0, 0, 0, 0].item() == (s - (1 << 64) if s >= 1 << 63 else s)
 
 
-@pytest.mark.parametrize(
-    ("a_shape", "b_shape"),
-    [((256, 70), (70, 9)), ((97, 5), (5, 3)), ((3, 70, 4), (4, 6)), ((2, 65, 3), (2, 3, 5))],
-)
-def test_threaded_native_matmul_is_identical(monkeypatch, a_shape, b_shape):
-    monkeypatch.setattr(limbs, "PARALLEL_MIN_WORK", 0)
-    a, b = random_int64(a_shape), random_int64(b_shape)
-    threads = torch.get_num_threads()
+_BATCHES = st.sampled_from([(), (1,), (2,), (3,), (2, 2), (1, 3)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(_BATCHES, _BATCHES, st.integers(0, 97), st.integers(0, 9), st.integers(0, 7),
+       st.integers(2, 4))
+def test_threaded_native_matmul_is_identical(a_batch, b_batch, m, k, n, threads):
+    """Rows or batch entries cut across threads, written in place: the same tensor as
+    torch's single call, for every broadcast of the batch dimensions."""
     try:
-        torch.set_num_threads(3)
-        out = limbs.matmul(a, b)
-        torch.set_num_threads(1)  # one thread: the plain kernel, and a smaller pool next time
-        single = limbs.matmul(a, b)
-    finally:
+        batch = torch.broadcast_shapes(a_batch, b_batch)
+    except RuntimeError:
+        return
+    a, b = random_int64((*a_batch, m, k)), random_int64((*b_batch, k, n))
+    calls = []
+    before = (limbs.PARALLEL_MIN_WORK, limbs._matmul_into, torch.get_num_threads())
+
+    def counted(*args):
+        calls.append(args[2].shape)
+        before[1](*args)
+
+    try:
+        limbs.PARALLEL_MIN_WORK, limbs._matmul_into = 0, counted
         torch.set_num_threads(threads)
-    assert torch.equal(out, torch.matmul(a, b)) and torch.equal(single, out)
-    if a_shape[-2] >= 64:  # at least two blocks of rows ran on the pool
-        assert limbs._pool is not None and limbs._pool[1] >= 2
+        out = limbs.matmul(a, b)
+    finally:
+        limbs.PARALLEL_MIN_WORK, limbs._matmul_into = before[:2]
+        torch.set_num_threads(before[2])
+    assert torch.equal(out, torch.matmul(a, b))
+    products = int(torch.tensor(batch).prod()) if batch else 1
+    rows = m if b_batch else m * products  # a 2-D b: torch folds a's batch into rows
+    if m * k * n and (products > 1 or rows >= 2 * limbs._ROWS_PER_BLOCK):
+        assert len(calls) >= 2  # the work was cut, and each block written in place
+        assert sum(torch.Size(c).numel() for c in calls) == out.numel()
 
 
 def test_backend_switch():

@@ -91,14 +91,36 @@ def _executor(size: int) -> ThreadPoolExecutor:
 
 
 def _threaded_matmul(a: torch.Tensor, b: torch.Tensor, threads: int) -> torch.Tensor:
-    """``torch.matmul(a, b)`` with ``a``'s rows cut into ``threads`` blocks run in parallel."""
-    rows = a.shape[-2]
-    step = -(-rows // threads)
-    blocks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+    """``torch.matmul(a, b)`` (both at least 2-D) on ``threads`` threads, each writing its
+    block of the result in place: blocks of rows when ``b`` is one matrix or there is a
+    single product, else blocks of the batch. No block is copied or concatenated (a
+    ``torch.cat`` of the blocks had cost as much as a fifth of a batched product)."""
+    m, n = a.shape[-2], b.shape[-1]
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = torch.empty((*batch, m, n), dtype=torch.int64)
+    if b.dim() == 2 or out.numel() == m * n:  # one matrix product: cut its rows
+        a2 = a.reshape(-1, a.shape[-1])
+        b2 = b.reshape(b.shape[-2], n)
+        o2 = out.view(-1, n)
+        step = -(-a2.shape[0] // threads)
+        tasks = [(a2[i : i + step], b2, o2[i : i + step]) for i in range(0, a2.shape[0], step)]
+    else:  # a batch of products: cut the batch
+        a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        o3 = out.view(-1, m, n)
+        step = -(-o3.shape[0] // threads)
+        tasks = [(a3[i : i + step], b3[i : i + step], o3[i : i + step])
+                 for i in range(0, o3.shape[0], step)]
     pool = _executor(threads)
-    futures = [pool.submit(torch.matmul, a[..., i:j, :], b) for i, j in blocks[1:]]
-    first = torch.matmul(a[..., blocks[0][0] : blocks[0][1], :], b)
-    return torch.cat([first, *(f.result() for f in futures)], dim=-2)
+    futures = [pool.submit(_matmul_into, *task) for task in tasks[1:]]
+    _matmul_into(*tasks[0])
+    for f in futures:
+        f.result()
+    return out
+
+
+def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    torch.matmul(a, b, out=out)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,12 +135,22 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if BACKEND == "limbs":
         return limb_matmul(a, b)
     threads = torch.get_num_threads()
-    if threads > 1 and a.dim() >= 2 and b.dim() >= 2 and a.device.type == "cpu":
-        threads = min(threads, a.shape[-2] // _ROWS_PER_BLOCK)
-        work = a.numel() * b.shape[-1]
+    if (threads > 1 and a.dim() >= 2 and b.dim() >= 2 and a.device.type == "cpu"
+            and a.numel() and b.numel()):
+        rows = a.numel() // a.shape[-1] if b.dim() == 2 else a.shape[-2]
+        threads = min(threads, max(rows // _ROWS_PER_BLOCK, _batch(a, b)))
+        work = max(a.numel(), b.numel() // b.shape[-1] * a.shape[-2]) * b.shape[-1]
         if threads > 1 and work >= PARALLEL_MIN_WORK:
             return _threaded_matmul(a, b, threads)
     return torch.matmul(a, b)
+
+
+def _batch(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many matrix products ``torch.matmul(a, b)`` makes (both at least 2-D)."""
+    count = 1
+    for s in torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]):
+        count *= s
+    return count
 
 
 def limb_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
