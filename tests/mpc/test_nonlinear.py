@@ -107,8 +107,34 @@ def test_max_pool2d_padding_is_never_the_maximum():
     x = -torch.rand(1, 1, 4, 4) * 1e6 - 1e6  # all far below zero, the padding of plaintext
     got = reveal(F.max_pool2d(sh(x), 3, 2, 1, ceil_mode=True))
     assert torch.allclose(got, F.max_pool2d(x, 3, 2, 1, ceil_mode=True).double(), atol=ULP)
-    with pytest.raises(NotImplementedError, match="dilation"):
-        F.max_pool2d(sh(x), 2, dilation=2)
+    with pytest.raises(ValueError, match="dilation"):
+        F.max_pool2d(sh(x), 2, dilation=(0, 1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.data())
+def test_dilated_max_pooling_and_its_gradient(d, data):
+    """Any kernel, stride, padding, dilation and ceil_mode torch accepts, 1-D to 3-D, forward
+    and gradient against torch."""
+    kernel = tuple(data.draw(st.lists(st.integers(1, 3), min_size=d, max_size=d)))
+    dilation = tuple(data.draw(st.lists(st.integers(1, 3), min_size=d, max_size=d)))
+    stride = tuple(data.draw(st.lists(st.integers(1, 3), min_size=d, max_size=d)))
+    padding = tuple(data.draw(st.integers(0, k // 2)) for k in kernel)
+    ceil_mode = data.draw(st.booleans())
+    spans = [v * (k - 1) + 1 for k, v in zip(kernel, dilation)]
+    size = tuple(data.draw(st.integers(max(1, s - 2 * p), s + 3)) for s, p in zip(spans, padding))
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
+    torch.manual_seed(data.draw(st.integers(0, 1000)))
+    x = (torch.randn(2, 2, *size) * 10).requires_grad_()
+    ref = pool(x, kernel, stride, padding, dilation, ceil_mode)
+    a = sh(x.detach()).requires_grad_()
+    got = pool(a, kernel, stride, padding, dilation, ceil_mode)
+    assert got.shape == ref.shape
+    assert torch.allclose(reveal(got), ref.double(), atol=ULP)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=2 * ULP)
 
 
 @pytest.mark.parametrize(

@@ -200,12 +200,24 @@ def _pool_geometry(size: int, k: int, stride: int, pad: int, ceil_mode: bool) ->
     return out, max(0, (out - 1) * stride + k - (size + 2 * pad))
 
 
-def _windows(c: Any, kernel: tuple[int, ...], stride: tuple[int, ...]) -> Any:
-    """The pooling windows of ``c`` (N, C, *spatial): (N, C, *outputs, prod(kernel))."""
+def _windows(
+    c: Any, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+) -> Any:
+    """The pooling windows of ``c`` (N, C, *spatial): (N, C, *outputs, prod(kernel)); a
+    dilated window spans ``dilation * (kernel - 1) + 1`` places and keeps every
+    ``dilation``-th."""
     d = len(kernel)
     for i in range(d):
-        c = V.shape_op(c, "unfold", 2 + i, kernel[i], stride[i])
+        c = V.shape_op(c, "unfold", 2 + i, _span(kernel[i], dilation[i]), stride[i])
+    for i in range(d):
+        if dilation[i] != 1:
+            c = V.shape_op(c, "slice", i - d, 0, _span(kernel[i], dilation[i]), dilation[i])
     return V.shape_op(c, "reshape", [*c.shape[: 2 + d], math.prod(kernel)])
+
+
+def _span(kernel: int, dilation: int) -> int:
+    """The places a window of ``kernel`` elements ``dilation`` apart covers."""
+    return dilation * (kernel - 1) + 1
 
 
 @implements(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices)
@@ -220,13 +232,14 @@ def _max_pool(func: Any, args: Any, kwargs: Any) -> Any:
     padding = ntuple(args[3], d) if len(args) > 3 else (0,) * d
     dilation = ntuple(args[4], d) if len(args) > 4 else (1,) * d
     ceil_mode = args[5] if len(args) > 5 else False
-    if any(v != 1 for v in dilation):
-        raise NotImplementedError(f"{func}: dilation {dilation} (only 1 is supported)")
+    if any(type(v) is not int or v < 1 for v in dilation):
+        raise ValueError(f"{func}: dilation {dilation} should be positive integers")
     if any(p * 2 > k for p, k in zip(padding, kernel)):
         raise ValueError(f"{func}: padding {padding} should be at most half the kernel size")
     size = tuple(x.shape[-d:])
+    spans = tuple(_span(k, v) for k, v in zip(kernel, dilation))
     extra = tuple(
-        _pool_geometry(size[i], kernel[i], stride[i], padding[i], ceil_mode)[1] for i in range(d)
+        _pool_geometry(size[i], spans[i], stride[i], padding[i], ceil_mode)[1] for i in range(d)
     )
     c = child_of(x)
     batched = x.dim() == d + 2
@@ -238,13 +251,13 @@ def _max_pool(func: Any, args: Any, kwargs: Any) -> Any:
         border[(..., *(slice(p, p + n) for p, n in zip(padding, size)))] = 0
         c = V.add(c, border)
     padded = tuple(c.shape[2:])
-    win = FPT(_windows(c, kernel, stride), x.precision_bits, x.dtype)
+    win = FPT(_windows(c, kernel, stride, dilation), x.precision_bits, x.dtype)
     values, onehot = A.max_with_onehot(win, -1)
     values = V.shape_op(values, "squeeze.dim", -1)
     if not batched:
         values = V.shape_op(values, "squeeze.dim", 0)
     out = FPT(values, x.precision_bits, x.dtype)
-    info = (kernel, stride, padded, padding, size, batched)
+    info = (kernel, stride, padded, padding, size, batched, dilation)
     return out, SecretIndices(out.shape, onehot, info)
 
 
@@ -253,12 +266,14 @@ def _max_pool_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, indices = args[0], args[-1]
     if type(indices) is not SecretIndices:
         raise NotImplementedError(f"{func} without the indices of a secure max pooling")
-    kernel, stride, padded, before, size, batched = indices.info
+    kernel, stride, padded, before, size, batched, dilation = indices.info
     g = child_of(grad)
     if not batched:
         g = V.shape_op(g, "unsqueeze", 0)
     contrib = V.product(V.shape_op(g, "unsqueeze", -1), indices.onehot)
-    out = V.shape_op(contrib, "fold_windows", list(kernel), list(stride), list(padded))
+    out = V.shape_op(
+        contrib, "fold_windows", list(kernel), list(stride), list(padded), list(dilation)
+    )
     d = len(kernel)
     for i in range(d):
         if padded[i] != size[i]:

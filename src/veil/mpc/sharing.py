@@ -308,15 +308,20 @@ def _sum_windows(
 
 
 def fold_windows(
-    contrib: torch.Tensor, kernel: list[int], stride: list[int], shape: list[int]
+    contrib: torch.Tensor,
+    kernel: list[int],
+    stride: list[int],
+    shape: list[int],
+    dilation: list[int] | None = None,
 ) -> torch.Tensor:
     """Sum pooling windows ``(N, C, *outputs, prod(kernel))`` back onto an ``(N, C, *shape)``
-    grid (2-D or 3-D; overlapping windows add): the adjoint of cutting the windows out."""
+    grid (1-D to 3-D; overlapping windows add; ``dilation`` apart within a window, 1 if not
+    given): the adjoint of cutting the windows out."""
     d = len(kernel)
     outs = list(contrib.shape[2 : 2 + d])
     parts = contrib.reshape(*contrib.shape[:2], *outs, *kernel)
     parts = parts.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))
-    return _sum_windows(parts, list(shape[-d:]), [1] * d, list(stride))
+    return _sum_windows(parts, list(shape[-d:]), list(dilation or [1] * d), list(stride))
 
 
 def im2col(
