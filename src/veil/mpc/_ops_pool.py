@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from veil.mpc import _ragged as R
 from veil.mpc import _values as V
 from veil.mpc import approximations as A
 from veil.mpc._ops_fixed import child_of, scale, scale_each
@@ -185,7 +186,7 @@ class SecretIndices(torch.Tensor):
 #: Ring value of the padding of a max pooling: below every value the comparisons order
 #: exactly (they need differences below 2^62, so inputs with ``|x| < 2^61`` ring units,
 #: ``2^45`` at 16 fractional bits), so a window's maximum is never padding.
-_POOL_PAD = -(1 << 61)
+_POOL_PAD = R.PAD
 
 
 def _pool_geometry(size: int, k: int, stride: int, pad: int, ceil_mode: bool) -> tuple[int, int]:
@@ -220,6 +221,19 @@ def _span(kernel: int, dilation: int) -> int:
     return dilation * (kernel - 1) + 1
 
 
+def _check_taps(func: Any, size: int, k: int, stride: int, pad: int, dilation: int,
+                ceil_mode: bool) -> None:
+    """Raise if a dilated window along an axis reads padding only: torch's maximum there is
+    -inf, which fixed point cannot hold."""
+    outs, _ = _pool_geometry(size, _span(k, dilation), stride, pad, ceil_mode)
+    taps = torch.arange(outs)[:, None] * stride + torch.arange(k) * dilation - pad
+    if not bool(((taps >= 0) & (taps < size)).any(1).all()):
+        raise ValueError(
+            f"{func}: with dilation {dilation} and padding {pad}, a window over an axis of "
+            f"{size} reads padding only (torch gives -inf there, which fixed point cannot hold)"
+        )
+
+
 @implements(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices)
 def _max_pool(func: Any, args: Any, kwargs: Any) -> Any:
     """Max pooling as a tournament over each window (:func:`approximations.max_with_onehot`).
@@ -241,6 +255,8 @@ def _max_pool(func: Any, args: Any, kwargs: Any) -> Any:
     extra = tuple(
         _pool_geometry(size[i], spans[i], stride[i], padding[i], ceil_mode)[1] for i in range(d)
     )
+    for i in range(d):
+        _check_taps(func, size[i], kernel[i], stride[i], padding[i], dilation[i], ceil_mode)
     c = child_of(x)
     batched = x.dim() == d + 2
     if not batched:
@@ -285,26 +301,62 @@ def _max_pool_backward(func: Any, args: Any, kwargs: Any) -> Any:
 
 @implements(aten.adaptive_max_pool2d, aten.adaptive_max_pool3d)
 def _adaptive_max_pool(func: Any, args: Any, kwargs: Any) -> Any:
-    """Adaptive max pooling whose output size divides the input's (global max pooling, an
-    output of 1, always does): max pooling with kernel = stride = input / output."""
+    """Adaptive max pooling. When the output size divides the input's (global max pooling,
+    an output of 1, always does) it is max pooling with kernel = stride = input / output;
+    otherwise torch's windows (output ``o`` of ``m`` along an axis of ``n`` covers
+    ``[floor(o n / m), ceil((o + 1) n / m))``) differ in size and run as a maximum over
+    ragged windows (:mod:`veil.mpc._ragged`)."""
     x, size = args[0], args[1]
     d = 3 if "pool3d" in str(func) else 2
     size = ntuple(size, d)
     spatial = tuple(x.shape[-d:])
     size = tuple(n if o is None else o for o, n in zip(size, spatial))
-    if any(o <= 0 or n % o for o, n in zip(size, spatial)):
-        raise NotImplementedError(
-            f"{func}: output size {size} does not divide the input's {spatial} (windows of "
-            "different sizes)"
-        )
-    kernel = tuple(n // o for o, n in zip(size, spatial))
-    pool = aten.max_pool3d_with_indices if d == 3 else aten.max_pool2d_with_indices
-    return _max_pool(pool.default, (x, list(kernel), list(kernel)), {})
+    if any(type(o) is not int or o <= 0 for o in size) or x.dim() not in (d + 1, d + 2):
+        raise ValueError(f"{func}: output size {size} for an input of shape {tuple(x.shape)}")
+    if all(n % o == 0 for o, n in zip(size, spatial)):
+        kernel = tuple(n // o for o, n in zip(size, spatial))
+        pool = aten.max_pool3d_with_indices if d == 3 else aten.max_pool2d_with_indices
+        return _max_pool(pool.default, (x, list(kernel), list(kernel)), {})
+    table = _adaptive_table(size, spatial)
+    lead = tuple(x.shape[:-d])
+    flat = FPT(V.shape_op(child_of(x), "reshape", [*lead, math.prod(spatial)]),
+               x.precision_bits, x.dtype)
+    values, onehot = R.group_max(flat, table)
+    out = FPT(V.shape_op(values, "reshape", [*lead, *size]), x.precision_bits, x.dtype)
+    return out, SecretIndices(out.shape, onehot, ("ragged", table, spatial))
+
+
+def _adaptive_table(size: tuple[int, ...], spatial: tuple[int, ...]) -> torch.Tensor:
+    """The ragged-window table of an adaptive pooling: row ``o`` (outputs in row-major
+    order) lists the flat input positions of its window in row-major order, ``-1`` where
+    the window is smaller than the largest one (torch's loop order, so ties go where
+    torch's do)."""
+    d = len(size)
+    total = torch.zeros((), dtype=torch.int64)
+    valid = torch.ones((), dtype=torch.bool)
+    stride = math.prod(spatial)
+    for i, (m, n) in enumerate(zip(size, spatial)):
+        stride //= n
+        o = torch.arange(m)
+        axis = R.positions((o * n) // m, -((-(o + 1) * n) // m))  # (m, K_i)
+        shape = [1] * (2 * d)
+        shape[i], shape[d + i] = axis.shape
+        axis = axis.view(shape)
+        total = total + axis * stride
+        valid = valid & (axis >= 0)
+    return torch.where(valid, total, -1).reshape(math.prod(size), -1)
 
 
 @implements(aten.adaptive_max_pool2d_backward, aten.adaptive_max_pool3d_backward)
 def _adaptive_max_pool_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad, _, indices = args
+    if type(indices) is SecretIndices and indices.info[0] == "ragged":
+        _, table, spatial = indices.info
+        lead = tuple(grad.shape[: grad.dim() - len(spatial)])
+        g = V.shape_op(child_of(grad), "reshape", [*lead, table.shape[0]])
+        out = R.spread(g, indices.onehot, table, math.prod(spatial))
+        return FPT(V.shape_op(out, "reshape", [*lead, *spatial]), grad.precision_bits,
+                   grad.dtype)
     return _max_pool_backward(func, (grad, indices), {})
 
 
