@@ -5,6 +5,7 @@ tables (and shared per-sample weights), and graph-network aggregation (``index_a
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -97,14 +98,17 @@ def test_message_passing_with_public_indices_matches_plaintext(nodes, edges, dim
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 5), st.integers(1, 8), st.sampled_from(["sum", "mean"]), st.booleans(),
-       st.data())
+@given(st.integers(1, 5), st.integers(1, 8), st.sampled_from(["sum", "mean", "amax", "amin"]),
+       st.booleans(), st.data())
 def test_scatter_reduce_and_scatter_at_public_indices(nodes, edges, reduce, include_self, data):
-    """scatter_reduce with "sum" or "mean" (include_self either way) and scatter of tensors
-    or numbers, gradients included: local, the counts public."""
+    """scatter_reduce with "sum", "mean" (local, the counts public), "amax" or "amin" (a
+    tournament over ragged groups; ties, frequent here, share the gradient as in torch),
+    include_self either way, and scatter of tensors or numbers, gradients included."""
     target = torch.tensor(data.draw(st.lists(st.integers(0, nodes - 1), min_size=edges,
                                              max_size=edges)))[:, None].expand(edges, 2)
     x, src = data.draw(tensors((nodes, 2), 4.0)), data.draw(tensors((edges, 2), 4.0))
+    if reduce in ("amax", "amin"):  # few distinct values: ties
+        x, src = (x * 4).round() / 4, (src * 4).round() / 4
     px, ps = x.clone().requires_grad_(), src.clone().requires_grad_()
     sx, ss = sh(x).requires_grad_(), sh(src).requires_grad_()
     ref = px.scatter_reduce(0, target, ps, reduce, include_self=include_self)
@@ -120,8 +124,30 @@ def test_scatter_reduce_and_scatter_at_public_indices(nodes, edges, reduce, incl
                           x.scatter(0, first, src[:1]).double(), atol=TOL)
     assert torch.allclose(reveal(sh(x).scatter(0, first, -1.5)),
                           x.scatter(0, first, -1.5).double(), atol=TOL)
-    with pytest.raises(NotImplementedError, match="amax"):
-        sh(x).scatter_reduce(0, target, ss, "amax")
+    with pytest.raises(NotImplementedError, match="prod"):
+        sh(x).scatter_reduce(0, target, ss, "prod")
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 3), st.sampled_from(["amax", "amin"]), st.booleans(), st.data())
+def test_scatter_reduce_extremes_along_any_dim(nd, reduce, include_self, data):
+    """amax/amin along any dimension, with an index smaller than src and than x in the other
+    dimensions (torch then reads and writes only over the index's extent)."""
+    shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd)))
+    dim = data.draw(st.integers(0, nd - 1))
+    ishape = tuple(data.draw(st.integers(1, 5 if d == dim else s)) for d, s in enumerate(shape))
+    sshape = tuple(i + data.draw(st.integers(0, 1)) for i in ishape)
+    index = torch.tensor(data.draw(st.lists(st.integers(0, shape[dim] - 1),
+                                            min_size=math.prod(ishape),
+                                            max_size=math.prod(ishape)))).reshape(ishape)
+    x, src = data.draw(tensors(shape, 4.0)), data.draw(tensors(sshape, 4.0))
+    ref = x.scatter_reduce(dim, index, src, reduce, include_self=include_self)
+    got = sh(x).scatter_reduce(dim, index, sh(src), reduce, include_self=include_self)
+    assert torch.equal(reveal(got), ref.double())
+    public = sh(x).scatter_reduce(dim, index, src, reduce, include_self=include_self)
+    assert torch.equal(reveal(public), ref.double())
+    with pytest.raises(IndexError, match="index"):
+        sh(x).scatter_reduce(dim, index + shape[dim], sh(src), reduce)
 
 
 @settings(max_examples=20, deadline=None)

@@ -30,6 +30,7 @@ from veil.mpc import (  # noqa: F401
     _ops_nn,
     _ops_pool,
     _ops_rnn,
+    _ops_scatter,
     _ops_shared,
     _ops_sort,
     _ops_stats,

@@ -304,28 +304,6 @@ def _index_add_(func: Any, args: Any, kwargs: Any) -> Any:
     return _inplace(_add_at(func, args, kwargs, "index"), args[0])
 
 
-@implements(aten.scatter_reduce.two)
-def _scatter_reduce(func: Any, args: Any, kwargs: Any) -> Any:
-    """``x.scatter_reduce(dim, index, src, "sum" | "mean", include_self=...)`` at public
-    indices: the sum as :func:`_add_at`; the mean divides by the public counts (24-bit
-    factors, one truncation). Positions nothing is scattered into keep ``x``. Other
-    reductions raise."""
-    x, dim, index, src, reduce = args[:5]
-    include_self = args[5] if len(args) > 5 else kwargs.get("include_self", True)
-    if reduce not in ("sum", "mean"):
-        raise NotImplementedError(f"{func}: reduce={reduce!r} (only 'sum' and 'mean')")
-    counts = torch.zeros(tuple(x.shape), dtype=torch.int64).scatter_add(
-        dim, index, torch.ones(tuple(index.shape), dtype=torch.int64)
-    )
-    keep = torch.ones_like(counts) if include_self else (counts == 0).to(torch.int64)
-    kept = multiply(x, keep) if type(x) is FPT else x * keep
-    total = _add_at(func, (kept, dim, index, src), {}, "scatter")
-    if reduce == "sum":
-        return total
-    return FPT(scale_each(child_of(total), 1.0 / (counts + keep).clamp(min=1).double()),
-               total.precision_bits, total.dtype)
-
-
 @implements(aten.is_same_size)
 def _is_same_size(func: Any, args: Any, kwargs: Any) -> Any:
     return tuple(args[0].shape) == tuple(args[1].shape)

@@ -75,4 +75,32 @@ def positions(starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     return torch.where(table < ends[:, None], table, -1)
 
 
-__all__ = ["PAD", "group_max", "positions", "spread"]
+def scatter_groups(index: torch.Tensor, n: int, include_self: bool) -> torch.Tensor:
+    """The table of :func:`group_max` for a scatter along the last dimension: ``index``
+    (..., E) sends element ``e`` of each row to position ``index[..., e]`` of ``n`` (``-1``:
+    nowhere); values are the row's ``n`` own followed by its ``E`` scattered ones. Row
+    ``(..., t)`` of the result (..., n, K) lists ``t`` itself first when ``include_self``
+    or when nothing is sent to ``t``, then ``n + e`` for each ``e`` sent there, in order."""
+    lead, e = tuple(index.shape[:-1]), index.shape[-1]
+    rows = 1
+    for s in lead:
+        rows *= s
+    idx = index.reshape(rows, e)
+    groups = rows * n  # one per (row, target); index groups + 1 collects the "nowhere"s
+    key = torch.where(idx >= 0, torch.arange(rows)[:, None] * n + idx, groups).reshape(-1)
+    order = torch.sort(key, stable=True).indices
+    sorted_key = key[order]
+    counts = torch.bincount(key, minlength=groups + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(key.numel()) - starts[sorted_key]
+    own = torch.ones(groups, dtype=torch.bool) if include_self else counts[:groups] == 0
+    k = int((counts[:groups] + own).max())
+    table = torch.full((groups, k), -1, dtype=torch.int64)
+    table[own, 0] = (torch.arange(groups) % n)[own]
+    sent = sorted_key < groups
+    target = sorted_key[sent]
+    table[target, own[target].long() + rank[sent]] = n + order[sent] % e
+    return table.reshape(*lead, n, k)
+
+
+__all__ = ["PAD", "group_max", "positions", "scatter_groups", "spread"]
