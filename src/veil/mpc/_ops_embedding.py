@@ -17,7 +17,10 @@ to the parties except the products with shared per-sample weights:
    ``idx_i`` (a local scatter-add); the per-sample weights' gradient is
    ``<dY[bag_i], W[idx_i]>`` (one product).
 
-``mode="max"`` raises ``NotImplementedError``.
+``mode="max"``: each bag's maximum per column over its rows (``padding_idx`` rows left out,
+an empty bag 0, as torch), one tournament over bags padded to the largest
+(:mod:`veil.mpc._ragged`); the backward adds each bag's gradient at the row its one-hot
+marks (one product, then local). Ties go to the first position in the bag.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from typing import Any
 
 import torch
 
+from veil.mpc import _ragged as R
 from veil.mpc import _values as V
 from veil.mpc import _views
 from veil.mpc._ops_fixed import child_of, matmul, multiply, reduce_sum
+from veil.mpc._ops_pool import SecretIndices
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
 aten = torch.ops.aten
@@ -41,11 +46,8 @@ _MODES = {0: "sum", 1: "mean", 2: "max"}
 def _bookkeeping(weight: Any, indices: torch.Tensor, offsets: torch.Tensor, mode: int,
                  include_last_offset: bool, padding_idx: int) -> tuple[torch.Tensor, ...]:
     """torch's ``(offset2bag, bag_size, max_indices)`` for these indices, from a zero table."""
-    if mode not in (0, 1):
-        raise NotImplementedError(
-            f"aten._embedding_bag: mode {_MODES.get(mode, mode)!r} on a FixedPrecisionTensor "
-            "(only 'sum' and 'mean')"
-        )
+    if mode not in _MODES:
+        raise ValueError(f"aten._embedding_bag: unknown mode {mode!r}")
     zeros = torch.zeros(tuple(weight.shape))
     _, offset2bag, bag_size, max_indices = aten._embedding_bag.default(
         zeros, indices, offsets, False, mode, False, None, include_last_offset, padding_idx
@@ -111,6 +113,10 @@ def _embedding_bag(func: Any, args: Any, kwargs: Any) -> Any:
         weight, indices, offsets, mode, a["include_last_offset"], padding_idx
     )
     rows = _rows(weight, indices)
+    if mode == 2:
+        out, argmax = _max_bags(rows, indices, offset2bag, _bag_count(offsets,
+                                a["include_last_offset"]), padding_idx)
+        return out, offset2bag, bag_size, argmax
     if type(psw) is FPT:
         rows = multiply(rows, psw.unsqueeze(-1))
     coef = _coefficients(indices, offset2bag, bag_size, mode, psw, padding_idx)
@@ -119,22 +125,60 @@ def _embedding_bag(func: Any, args: Any, kwargs: Any) -> Any:
     return out, offset2bag, bag_size, max_indices
 
 
+def _max_bags(rows: FixedPrecisionTensor, indices: torch.Tensor, offset2bag: torch.Tensor,
+              bags: int, padding_idx: int) -> tuple[FixedPrecisionTensor, SecretIndices]:
+    """``mode="max"``: each bag's column-wise maximum of its ``rows`` (positions, D), empty
+    bags (or all ``padding_idx``) 0; and the one-hot carrier for the backward."""
+    positions = indices.numel()
+    keep = indices != padding_idx if padding_idx >= 0 else torch.ones(positions, dtype=torch.bool)
+    index = torch.where(keep, offset2bag, -1)[None]  # one row: position p goes to its bag
+    table = R.scatter_groups(index, bags, include_self=False)[0]  # (bags, K)
+    # entries: bags + p for position p; a bag with no rows lists only itself (< bags), which
+    # becomes the zero column appended after the positions
+    table = torch.where(table >= bags, table - bags,
+                        torch.where(table >= 0, positions, -1))
+    c = V.shape_op(child_of(rows), "t")  # (D, positions)
+    zero = torch.zeros((c.shape[0], 1), dtype=torch.int64)
+    joined = FPT(V.cat([c, zero], "cat", -1), rows.precision_bits, rows.dtype)
+    values, onehot = R.group_max(joined, table)  # (D, bags)
+    out = FPT(V.shape_op(values, "t"), rows.precision_bits, rows.dtype)
+    return out, SecretIndices(out.shape, onehot, ("bag", table))
+
+
 @implements(aten._embedding_bag_backward)
 def _embedding_bag_backward(func: Any, args: Any, kwargs: Any) -> Any:
-    grad, indices, _, offset2bag, bag_size, _, num_weights, _, mode, sparse, psw = args[:11]
+    grad, indices, _, offset2bag, bag_size, argmax, num_weights, _, mode, sparse, psw = args[:11]
     padding_idx = args[11] if len(args) > 11 else kwargs.get("padding_idx", -1)
     if sparse:
         raise NotImplementedError(f"{func}: sparse gradients on a FixedPrecisionTensor")
+    if mode == 2:
+        return _max_backward(func, grad, indices, argmax, num_weights)
     return _dense_backward(grad, indices, offset2bag, bag_size, num_weights, mode, psw,
                            padding_idx)
 
 
 @implements(aten._embedding_bag_dense_backward)
 def _embedding_bag_dense_backward(func: Any, args: Any, kwargs: Any) -> Any:
-    grad, indices, offset2bag, bag_size, _, num_weights, _, mode, psw = args[:9]
+    grad, indices, offset2bag, bag_size, argmax, num_weights, _, mode, psw = args[:9]
     padding_idx = args[9] if len(args) > 9 else kwargs.get("padding_idx", -1)
+    if mode == 2:
+        return _max_backward(func, grad, indices, argmax, num_weights)
     return _dense_backward(grad, indices, offset2bag, bag_size, num_weights, mode, psw,
                            padding_idx)
+
+
+def _max_backward(func: Any, grad: Any, indices: torch.Tensor, argmax: Any,
+                  num_weights: int) -> FixedPrecisionTensor:
+    """``dW`` of ``mode="max"``: each bag's gradient at the row of its maximum, per column."""
+    if type(argmax) is not SecretIndices or argmax.info[0] != "bag":
+        raise NotImplementedError(f"{func}: mode 'max' without a secure bag's indices")
+    positions = indices.numel()
+    g = V.shape_op(child_of(grad), "t")  # (D, bags)
+    per_position = R.spread(g, argmax.onehot, argmax.info[1], positions + 1)  # (D, positions+1)
+    rows = V.shape_op(V.shape_op(per_position, "slice", -1, 0, positions, 1), "t")
+    zeros = torch.zeros((int(num_weights), grad.shape[-1]), dtype=torch.int64)
+    child = _views.scatter(zeros, rows, "put", ([indices], True))
+    return FPT(child, grad.precision_bits, grad.dtype)
 
 
 def _dense_backward(grad: Any, indices: torch.Tensor, offset2bag: torch.Tensor,
