@@ -2,7 +2,10 @@
 
 (a) Training the paper's Boston MLP (13 -> 32 -> 24 -> 1, ReLU, MSE, SGD lr 0.001) per batch,
     at batch 8 and 32: plain PyTorch, veil with data and model secret-shared between two
-    in-process VirtualWorkers (a third one is the crypto provider), and CrypTen.
+    in-process VirtualWorkers (a third one is the crypto provider), and CrypTen. Batch 8
+    also runs with the parties as plain names ("no workers": shares are local tensors, the
+    same protocols without the pointer and worker layer), which separates the protocols'
+    own cost from the cost of simulating remote workers.
 (b) A 256x256 @ 256x256 product of two shared fixed-point matrices (with truncation).
     (a) at batch 8 and (b) run twice: with veil's default truncation (dealer-provided pairs,
     exact to one unit, correct for any number of parties) and with the two-party local
@@ -172,8 +175,11 @@ def bench_veil(repeats: int) -> dict[str, Any]:
     data = veil.datasets.boston()
     alice, bob, carol = (veil.VirtualWorker(n) for n in ("alice", "bob", "carol"))
     out: dict[str, Any] = {}
-    for bs, mode in [(bs, "dealer") for bs in BATCHES] + [(8, "local")]:
-        share = functools.partial(_share, alice, bob, carol, mode)
+    runs = [(bs, "dealer", True) for bs in BATCHES] + [(8, "local", True)]
+    runs += [(8, "dealer", False), (8, "local", False)]
+    for bs, mode, workers in runs:
+        parties = (alice, bob, carol) if workers else ("p0", "p1", "dealer")
+        share = functools.partial(_share, *parties, mode)
         n = 40
         idx = [torch.arange(i * bs, (i + 1) * bs) % data.x_train.shape[0] for i in range(n)]
         plain_batches = [(data.x_train[i], data.y_train[i]) for i in idx]
@@ -197,12 +203,11 @@ def bench_veil(repeats: int) -> dict[str, Any]:
         for _ in range(repeats):  # interleaved, so that machine noise hits both alike
             tp.append(median_time(run_plain, 1, n))
             ts.append(median_time(run_secure, 1, n))
-        out[f"mlp{bs}" + _SUFFIX[mode]] = {
-            "plain": statistics.median(tp),
-            "veil": statistics.median(ts),
-            "comm": comm(run_secure, n),
-            "party": per_party_time(run_secure, repeats, [alice, bob], carol, n),
-        }
+        result = {"plain": statistics.median(tp), "veil": statistics.median(ts),
+                  "comm": comm(run_secure, n)}
+        if workers:
+            result["party"] = per_party_time(run_secure, repeats, [alice, bob], carol, n)
+        out[f"mlp{bs}" + _SUFFIX[mode] + ("" if workers else "_names")] = result
 
     for mode in ("dealer", "local"):
         a = _share(alice, bob, carol, mode, torch.randn(256, 256))
@@ -379,6 +384,8 @@ def bench_crypten(repeats: int) -> dict[str, Any] | None:
 _ROWS = [
     *[(f"mlp{bs}", f"MLP train, batch {bs}", f"mlp{bs}") for bs in BATCHES],
     ("mlp8_local", "  batch 8, local trunc.", "mlp8"),
+    ("mlp8_names", "  batch 8, no workers", "mlp8"),
+    ("mlp8_local_names", "  local, no workers", "mlp8"),
     ("matmul", "matmul 256x256x256", "matmul"),
     ("matmul_local", "  local truncation", "matmul"),
     ("relu", "ReLU 100,000", "relu"),
@@ -417,7 +424,7 @@ def report(v: dict[str, Any], c: dict[str, Any] | None,
         print(line + (f"{ct * 1e3:>9.1f}ms{ct / r['veil']:>13.1f}x" if c else ""))
     print()
     print("estimated per-party time (wall minus the other party's and the provider's work):")
-    for key, label, ckey in rows:
+    for key, label, ckey in [row for row in rows if "party" in v[row[0]]]:
         r = v[key]
         line = f"  {label:<24}{r['party'] * 1e3:>9.2f}ms"
         if "plain" in r:
@@ -430,7 +437,7 @@ def report(v: dict[str, Any], c: dict[str, Any] | None,
         f"{'communication':<26}{'veil rounds':>12}{'online':>11}{'offline':>11}"
         f"{'CrypTen rounds':>16}{'bytes':>11}"
     )
-    for key, label, ckey in rows:
+    for key, label, ckey in [row for row in rows if not row[0].endswith("_names")]:
         m = v[key]["comm"]
         line = (
             f"{label:<26}{m['rounds']:>12.0f}{_fmt_bytes(m['online_bytes']):>11}"
