@@ -91,10 +91,20 @@ def test_max_and_argmax_over_a_dim(x, data):
 )
 def test_max_pool2d_and_its_gradient(kernel, stride, padding, ceil_mode):
     torch.manual_seed(0)
-    x = (torch.randn(2, 3, 7, 6) * 10).requires_grad_()
+    _check_max_pool(F.max_pool2d, torch.randn(2, 3, 7, 6) * 10, kernel, stride, padding, 1,
+                    ceil_mode)
+
+
+def _check_max_pool(pool, x: torch.Tensor, *args) -> None:
+    """``pool(x, *args)`` on shared values against torch, values and gradients."""
+    x = x.requires_grad_()
+    ref = pool(x, *args)
     a = sh(x.detach()).requires_grad_()
-    ref = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
-    got = F.max_pool2d(a, kernel, stride, padding, ceil_mode=ceil_mode)
+    if ref.isinf().any():  # a window of padding only: -inf, not a fixed-point value
+        with pytest.raises(ValueError, match="padding only"):
+            pool(a, *args)
+        return
+    got = pool(a, *args)
     assert got.shape == ref.shape
     assert torch.allclose(reveal(got), ref.double(), atol=ULP)
     g = torch.randn(ref.shape)
@@ -125,20 +135,8 @@ def test_dilated_max_pooling_and_its_gradient(d, data):
     size = tuple(data.draw(st.integers(max(1, s - 2 * p), s + 3)) for s, p in zip(spans, padding))
     pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
     torch.manual_seed(data.draw(st.integers(0, 1000)))
-    x = (torch.randn(2, 2, *size) * 10).requires_grad_()
-    ref = pool(x, kernel, stride, padding, dilation, ceil_mode)
-    a = sh(x.detach()).requires_grad_()
-    if ref.isinf().any():  # a window of padding only: -inf, not a fixed-point value
-        with pytest.raises(ValueError, match="padding only"):
-            pool(a, kernel, stride, padding, dilation, ceil_mode)
-        return
-    got = pool(a, kernel, stride, padding, dilation, ceil_mode)
-    assert got.shape == ref.shape
-    assert torch.allclose(reveal(got), ref.double(), atol=ULP)
-    g = torch.randn(ref.shape)
-    ref.backward(g)
-    got.backward(sh(g))
-    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=2 * ULP)
+    x = torch.randn(2, 2, *size) * 10
+    _check_max_pool(pool, x, kernel, stride, padding, dilation, ceil_mode)
 
 
 @pytest.mark.parametrize(
