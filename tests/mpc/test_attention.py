@@ -27,15 +27,18 @@ def sh(x: torch.Tensor):
 @settings(max_examples=12, deadline=None)
 @given(
     st.integers(1, 2), st.integers(1, 2), st.integers(1, 5), st.integers(1, 5),
-    st.integers(1, 4), st.sampled_from(["none", "causal", "bool", "float", "scale"]), st.data(),
+    st.integers(1, 4), st.sampled_from(["none", "causal", "bool", "float", "scale"]),
+    st.sampled_from([1, 2, 3]), st.data(),
 )
-def test_attention_and_its_gradients_match_plaintext(n, heads, length, keys, e, mask, data):
+def test_attention_and_its_gradients_match_plaintext(n, heads, length, keys, e, mask, group,
+                                                      data):
+    """Every mask kind, and grouped-query attention (``group`` query heads per key head)."""
     if mask == "causal":
         keys = length
-    q = data.draw(tensors((n, heads, length, e), 2.0))
+    q = data.draw(tensors((n, heads * group, length, e), 2.0))
     k = data.draw(tensors((n, heads, keys, e), 2.0))
     v = data.draw(tensors((n, heads, keys, e), 2.0))
-    kw: dict = {}
+    kw: dict = {"enable_gqa": True} if group > 1 else {}
     if mask == "causal":
         kw["is_causal"] = True
     elif mask == "bool":
@@ -109,8 +112,11 @@ def test_dropout_draws_a_public_mask_and_its_gradient_uses_it():
     secure(sh(torch.randn(2, 5, 6))).sum().backward()  # training mode: dropout everywhere
 
 
-def test_unsupported_attention_variants_name_themselves():
-    q = sh(torch.randn(1, 2, 3, 4))
-    kv = sh(torch.randn(1, 1, 3, 4))
-    with pytest.raises((NotImplementedError, RuntimeError), match=r"grouped-query|heads"):
+def test_attention_heads_that_do_not_group_are_refused():
+    q = sh(torch.randn(1, 3, 3, 4))
+    kv = sh(torch.randn(1, 2, 3, 4))
+    with pytest.raises((ValueError, RuntimeError), match=r"heads"):
         F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    with pytest.raises(ValueError, match=r"heads"):
+        op(q, kv, kv)

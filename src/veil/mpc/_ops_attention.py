@@ -16,7 +16,9 @@ implements that op and its backward with its own protocols:
 Accuracy is that of :func:`veil.mpc.approximations.softmax`: scores within 320 of their
 row's maximum (the domain of ``exp``), any number of keys, absolute error of the weights
 below 1e-3; ``logsumexp`` adds ``log``'s error (below 2e-5). Grouped-query attention
-raises ``NotImplementedError``. With ``dropout_p > 0`` torch takes its math path instead
+(``enable_gqa=True``: fewer key and value heads than query heads) repeats each key and value
+head for its group of query heads (local, as torch's math path does) and sums their
+gradients back over the group. With ``dropout_p > 0`` torch takes its math path instead
 (products, softmax and a public dropout mask, all veil protocols).
 """
 
@@ -46,8 +48,29 @@ def _check(func: Any, q: Any, k: Any, v: Any, dropout_p: float) -> None:
         raise NotImplementedError(f"{func}: dropout inside attention (dropout_p={dropout_p})")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise NotImplementedError(f"{func}: query, key and value must be 4-D (N, H, L, E)")
-    if q.shape[1] != k.shape[1]:
-        raise NotImplementedError(f"{func}: grouped-query attention (query and key heads differ)")
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"{func}: {q.shape[1]} query heads, {k.shape[1]} key and {v.shape[1]} value heads "
+            "(key and value heads must be equal and divide the query heads)"
+        )
+
+
+def _repeat_heads(x: Any, group: int) -> Any:
+    """Grouped-query attention: each of ``x``'s heads repeated for its ``group`` query
+    heads, as torch's ``repeat_interleave`` along the heads (local)."""
+    if group == 1:
+        return x
+    index = torch.arange(x.shape[1]).repeat_interleave(group)
+    return FPT(V.shape_op(child_of(x), "index_select", 1, index), x.precision_bits, x.dtype)
+
+
+def _fold_heads(grad: Any, group: int) -> Any:
+    """The gradient of :func:`_repeat_heads`: each group's gradients summed (local)."""
+    if group == 1:
+        return grad
+    n, heads = grad.shape[0], grad.shape[1]
+    c = V.shape_op(child_of(grad), "reshape", [n, heads // group, group, *grad.shape[2:]])
+    return FPT(V.shape_op(c, "sum", [2]), grad.precision_bits, grad.dtype)
 
 
 def _keep_and_bias(
@@ -104,6 +127,8 @@ def _attention(func: Any, args: Any, kwargs: Any) -> Any:
     is_causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
     attn_mask, given = kwargs.get("attn_mask"), kwargs.get("scale")
     _check(func, q, k, v, dropout_p)
+    group = q.shape[1] // k.shape[1]
+    k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     weights, lse = _weights(q, k, is_causal, attn_mask, _scale(q, given))
     out = matmul(weights, v)
     out.cache = {"attention_weights": weights}
@@ -116,6 +141,8 @@ def _attention_backward(func: Any, args: Any, kwargs: Any) -> Any:
     dropout_p, is_causal = args[6], args[7]
     attn_mask, given = kwargs.get("attn_mask"), kwargs.get("scale")
     _check(func, q, k, v, dropout_p)
+    group = q.shape[1] // k.shape[1]
+    k, v = _repeat_heads(k, group), _repeat_heads(v, group)
     s = _scale(q, given)
     cache = getattr(out, "cache", None) or {}
     weights = cache.get("attention_weights")
@@ -125,7 +152,7 @@ def _attention_backward(func: Any, args: Any, kwargs: Any) -> Any:
     grad_s = softmax_backward(matmul(grad, v.transpose(-2, -1)), weights, -1)
     grad_q = multiply(matmul(grad_s, k), s)
     grad_k = multiply(matmul(grad_s.transpose(-2, -1), q), s)
-    return grad_q, grad_k, grad_v
+    return grad_q, _fold_heads(grad_k, group), _fold_heads(grad_v, group)
 
 
 __all__: list[str] = []
