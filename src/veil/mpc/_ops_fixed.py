@@ -238,72 +238,6 @@ def _copy_(func: Any, args: Any, kwargs: Any) -> Any:
     return dst
 
 
-@implements(aten.index_put_, aten.index_put)
-def _index_put(func: Any, args: Any, kwargs: Any) -> Any:
-    """``x[indices] = values`` (``x.index_put_``; ``accumulate=True`` adds): each party puts
-    its share of the values (party 0 a public value, the others zeros) at the public
-    ``indices`` of its share of ``x``. Local: no round, nothing revealed."""
-    x, indices, values = args[0], args[1], args[2]
-    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
-    if type(x) is not FPT:
-        raise TypeError(
-            f"{func}: fixed-precision values cannot be written into a plain {x.dtype} tensor"
-        )
-    for ix in indices:
-        if ix is not None and type(ix) is not torch.Tensor:
-            raise NotImplementedError(f"{func}: writing at secret indices is not supported")
-    out = written_at(x, values, "put", (list(indices), bool(accumulate)))
-    if func.overloadpacket is aten.index_put:
-        return out
-    x.child = out.child
-    x.__dict__.pop("cache", None)
-    return x
-
-
-def written_at(x: Any, src: Any, name: str, params: tuple[Any, ...]) -> FixedPrecisionTensor:
-    """``x`` with ``src`` written or added at public positions by the local scatter op
-    ``name`` (``put``, ``add_at``: see :func:`veil.mpc._views.scatter`): each party writes
-    its share of ``src`` (party 0 a public one) into its share of ``x``. No round."""
-    first = fpt_args((x, src))
-    f = first.precision_bits
-    cx = _as_child(x, x.precision_bits if type(x) is FPT else None, f)
-    cs = _as_child(src, src.precision_bits if type(src) is FPT else None, f)
-    return FPT(_views.scatter(cx, cs, name, params), f, first.dtype)
-
-
-def _add_at(func: Any, args: Any, kwargs: Any, how: str) -> FixedPrecisionTensor:
-    """``x.scatter_add(dim, index, src)`` / ``x.index_add(dim, index, src, alpha=a)`` at
-    public indices: each party adds its share of ``src`` (party 0 a public one) into its
-    share of ``x``. Local: message passing over a public graph costs no round."""
-    x, dim, index, src = args[0], args[1], args[2], args[3]
-    alpha = kwargs.get("alpha", 1)
-    if type(index) is not torch.Tensor:
-        raise NotImplementedError(f"{func}: secret indices")
-    if alpha != 1:
-        src = multiply(src, alpha) if type(src) is FPT else src * alpha
-    return written_at(x, src, "add_at", (how, dim, index))
-
-
-@implements(aten.scatter_add.default)
-def _scatter_add(func: Any, args: Any, kwargs: Any) -> Any:
-    return _add_at(func, args, kwargs, "scatter")
-
-
-@implements(aten.index_add.default)
-def _index_add(func: Any, args: Any, kwargs: Any) -> Any:
-    return _add_at(func, args, kwargs, "index")
-
-
-@implements(aten.scatter_add_.default)
-def _scatter_add_(func: Any, args: Any, kwargs: Any) -> Any:
-    return _inplace(_add_at(func, args, kwargs, "scatter"), args[0])
-
-
-@implements(aten.index_add_.default)
-def _index_add_(func: Any, args: Any, kwargs: Any) -> Any:
-    return _inplace(_add_at(func, args, kwargs, "index"), args[0])
-
-
 @implements(aten.is_same_size)
 def _is_same_size(func: Any, args: Any, kwargs: Any) -> Any:
     return tuple(args[0].shape) == tuple(args[1].shape)
@@ -874,5 +808,4 @@ __all__ = [
     "scale",
     "scale_each",
     "wrap",
-    "written_at",
 ]

@@ -19,8 +19,8 @@ from veil.mpc._ops_fixed import (
     fixed_pair,
     multiply,
     reduce_sum,
-    written_at,
 )
+from veil.mpc._ops_scatter import written_at
 from veil.mpc._ops_sort import scatter_through_permutation
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 

@@ -1,11 +1,14 @@
-"""``scatter_reduce`` on FixedPrecisionTensors at public indices: ``sum``, ``mean``,
-``amax`` and ``amin`` (the aggregations of message-passing graph networks).
+"""Writes at public positions on FixedPrecisionTensors: ``x[idx] = v`` (``index_put``),
+``index_add``, ``scatter_add`` and ``scatter_reduce`` with ``sum``, ``mean``, ``amax`` or
+``amin`` (the aggregations of message-passing graph networks).
 
-The indices are public (they say which positions are written, as for ``scatter_add``).
-``sum`` and ``mean`` are local to the parties (the mean's public counts cost one
-truncation); ``amax``/``amin`` take, for every written position, the maximum over the
-values scattered into it (and its own with ``include_self``): groups whose sizes differ,
-padded to the largest (:mod:`veil.mpc._ragged`), one tournament for all of them.
+The positions are public (they say where values go, as an index says which rows are read).
+Every write but the maxima is local to the parties: each writes its share of the source
+(party 0 a public one, the others zeros) at the positions in its share of the target
+(:func:`written_at`); the mean's public counts cost one truncation. ``amax``/``amin`` take,
+for every written position, the maximum over the values scattered into it (and its own with
+``include_self``): groups whose sizes differ, padded to the largest
+(:mod:`veil.mpc._ragged`), one tournament for all of them.
 """
 
 from __future__ import annotations
@@ -16,14 +19,89 @@ import torch
 
 from veil.mpc import _ragged as R
 from veil.mpc import _values as V
-from veil.mpc._ops_fixed import _add_at, _as_child, child_of, fpt_args, multiply, scale_each
+from veil.mpc import _views
+from veil.mpc._ops_fixed import _as_child, _inplace, child_of, fpt_args, multiply, scale_each
 from veil.mpc.fixed import OPS, FixedPrecisionTensor
 
 aten = torch.ops.aten
 FPT = FixedPrecisionTensor
+implements = OPS.implements
 
 
-@OPS.implements(aten.scatter_reduce.two)
+def aligned(x: Any, src: Any) -> tuple[Any, Any, int, torch.dtype]:
+    """Ring values of ``x`` and ``src`` (FixedPrecisionTensors or public) at one precision,
+    that of the first fixed-point one, and its dtype."""
+    first = fpt_args((x, src))
+    f = first.precision_bits
+    cx = _as_child(x, x.precision_bits if type(x) is FPT else None, f)
+    cs = _as_child(src, src.precision_bits if type(src) is FPT else None, f)
+    return cx, cs, f, first.dtype
+
+
+@implements(aten.index_put_, aten.index_put)
+def _index_put(func: Any, args: Any, kwargs: Any) -> Any:
+    """``x[indices] = values`` (``x.index_put_``; ``accumulate=True`` adds): each party puts
+    its share of the values (party 0 a public value, the others zeros) at the public
+    ``indices`` of its share of ``x``. Local: no round, nothing revealed."""
+    x, indices, values = args[0], args[1], args[2]
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    if type(x) is not FPT:
+        raise TypeError(
+            f"{func}: fixed-precision values cannot be written into a plain {x.dtype} tensor"
+        )
+    for ix in indices:
+        if ix is not None and type(ix) is not torch.Tensor:
+            raise NotImplementedError(f"{func}: writing at secret indices is not supported")
+    out = written_at(x, values, "put", (list(indices), bool(accumulate)))
+    if func.overloadpacket is aten.index_put:
+        return out
+    x.child = out.child
+    x.__dict__.pop("cache", None)
+    return x
+
+
+def written_at(x: Any, src: Any, name: str, params: tuple[Any, ...]) -> FixedPrecisionTensor:
+    """``x`` with ``src`` written or added at public positions by the local scatter op
+    ``name`` (``put``, ``add_at``: see :func:`veil.mpc._views.scatter`): each party writes
+    its share of ``src`` (party 0 a public one) into its share of ``x``. No round."""
+    cx, cs, f, dtype = aligned(x, src)
+    return FPT(_views.scatter(cx, cs, name, params), f, dtype)
+
+
+def _add_at(func: Any, args: Any, kwargs: Any, how: str) -> FixedPrecisionTensor:
+    """``x.scatter_add(dim, index, src)`` / ``x.index_add(dim, index, src, alpha=a)`` at
+    public indices: each party adds its share of ``src`` (party 0 a public one) into its
+    share of ``x``. Local: message passing over a public graph costs no round."""
+    x, dim, index, src = args[0], args[1], args[2], args[3]
+    alpha = kwargs.get("alpha", 1)
+    if type(index) is not torch.Tensor:
+        raise NotImplementedError(f"{func}: secret indices")
+    if alpha != 1:
+        src = multiply(src, alpha) if type(src) is FPT else src * alpha
+    return written_at(x, src, "add_at", (how, dim, index))
+
+
+@implements(aten.scatter_add.default)
+def _scatter_add(func: Any, args: Any, kwargs: Any) -> Any:
+    return _add_at(func, args, kwargs, "scatter")
+
+
+@implements(aten.index_add.default)
+def _index_add(func: Any, args: Any, kwargs: Any) -> Any:
+    return _add_at(func, args, kwargs, "index")
+
+
+@implements(aten.scatter_add_.default)
+def _scatter_add_(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(_add_at(func, args, kwargs, "scatter"), args[0])
+
+
+@implements(aten.index_add_.default)
+def _index_add_(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(_add_at(func, args, kwargs, "index"), args[0])
+
+
+@implements(aten.scatter_reduce.two)
 def _scatter_reduce(func: Any, args: Any, kwargs: Any) -> Any:
     """``x.scatter_reduce(dim, index, src, reduce, include_self=...)`` at public indices:
     the sum as ``scatter_add``; the mean divides by the public counts (24-bit factors, one
@@ -63,14 +141,11 @@ def scatter_extreme(
     ``amin``). Exact. The gradient is torch's own formula on the result (ties share it
     evenly, as in torch): comparisons and one division.
     """
-    first = fpt_args((x, src))
-    f = first.precision_bits
-    cx = _as_child(x, x.precision_bits if type(x) is FPT else None, f)
-    cs = _as_child(src, src.precision_bits if type(src) is FPT else None, f)
+    cx, cs, f, dtype = aligned(x, src)
     nd = len(index.shape)
     dim = dim % max(nd, 1)
     if nd == 0 or index.numel() == 0:
-        return FPT(V.shape_op(cx, "clone"), f, first.dtype)
+        return FPT(V.shape_op(cx, "clone"), f, dtype)
     if bool((index < 0).any()) or bool((index >= cx.shape[dim]).any()):
         raise IndexError(
             f"scatter_reduce: index out of range for dimension {dim} of size {cx.shape[dim]}"
@@ -92,7 +167,7 @@ def scatter_extreme(
     if smallest:
         joined = V.shape_op(joined, "neg")
     table = R.scatter_groups(index.transpose(dim, -1), n, include_self)
-    values, _ = R.group_max(FPT(joined, f, first.dtype), table)
+    values, _ = R.group_max(FPT(joined, f, dtype), table)
     if smallest:
         values = V.shape_op(values, "neg")
-    return FPT(V.shape_op(values, "transpose", dim, -1), f, first.dtype)
+    return FPT(V.shape_op(values, "transpose", dim, -1), f, dtype)
