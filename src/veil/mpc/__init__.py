@@ -29,6 +29,7 @@ from veil.mpc import (  # noqa: F401
     _ops_losses,
     _ops_nn,
     _ops_pool,
+    _ops_resample,
     _ops_rnn,
     _ops_scatter,
     _ops_shared,
