@@ -133,6 +133,8 @@ def test_model_trained_on_private_data_stays_private():
 
 
 def test_unsupported_layer_names_the_op():
-    model = nn.Sequential(nn.Linear(3, 4), nn.LocalResponseNorm(2)).fix_precision()
-    with pytest.raises(NotImplementedError, match=r"aten\.pow.*exponent 0\.75"):
-        model(torch.randn(2, 4, 3).fix_precision())
+    model = nn.Bilinear(3, 4, 2).fix_precision()
+    with pytest.raises(NotImplementedError, match=r"aten\._trilinear"):
+        model(torch.randn(2, 3).fix_precision(), torch.randn(2, 4).fix_precision())
+    with pytest.raises(NotImplementedError, match=r"aten\.pow.*exponent 0\.3"):
+        torch.randn(3).fix_precision() ** 0.3

@@ -179,6 +179,29 @@ def test_training_through_decomposed_layers_matches_plaintext(serialize):
         assert torch.allclose(reveal(p.grad), q.grad.double(), atol=2e-3)
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Softplus(), nn.Softplus(beta=2.0, threshold=5.0), nn.Softshrink(0.5), nn.Hardshrink(0.5),
+     nn.RReLU().eval(), nn.Mish(), nn.Hardtanh(-0.5, 0.75), nn.CELU(0.5)],
+    ids=lambda m: repr(m),
+)
+def test_activation_layers_and_their_gradients(layer):
+    torch.manual_seed(5)
+    x = (torch.randn(6, 7) * 3).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    ref, got = layer(x), layer(a)
+    assert torch.allclose(reveal(got), ref.double(), atol=2e-3)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=3e-3)
+
+
+def test_rrelu_training_is_refused():
+    with pytest.raises(NotImplementedError, match="training"):
+        nn.RReLU().train()(sh(torch.randn(3)))
+
+
 @settings(max_examples=15)
 @given(shaped_tensors(bound=10.0))
 def test_logical_operations_on_comparison_results(x):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import veil.mpc
 from tests.mpc.helpers import ULP, local_parties, reveal, shaped_tensors, shared, worker_parties
@@ -277,6 +278,31 @@ def test_approximations_via_torch_ops():
     assert torch.allclose(reveal(1 / pos), 1 / (x.abs() + 0.5).double(), rtol=1e-3)
     assert torch.allclose(reveal(a / pos), x.double() / (x.abs() + 0.5), atol=2e-3)
     assert torch.allclose(reveal(torch.log(pos)), (x.abs() + 0.5).log().double(), atol=2e-3)
+
+
+@pytest.mark.parametrize("e", [-2, -1.5, -0.75, -0.5, -0.25, 0.25, 0.75, 1.5, 2.25])
+def test_fractional_and_negative_powers(e):
+    """Multiples of 1/4 from square roots (LocalResponseNorm's 0.75, LPPool's -0.5) and
+    negative integers from the reciprocal, for positive values, with gradients."""
+    x = torch.exp(torch.linspace(math.log(0.2), math.log(8.0), 60)).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    ref, got = x**e, a**e
+    assert torch.allclose(reveal(got), ref.double(), rtol=2e-4, atol=5 * ULP)
+    ref.sum().backward()
+    got.sum().backward()
+    assert torch.allclose(reveal(a.grad), x.grad.double(), rtol=1e-3, atol=1e-3)
+
+
+def test_local_response_norm_and_lp_pooling_train():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 4, 4).requires_grad_()
+    a = sh(x.detach()).requires_grad_()
+    for layer in (nn.LocalResponseNorm(2), nn.LPPool2d(2, 2)):
+        ref, got = layer(x), layer(a)
+        assert torch.allclose(reveal(got), ref.double(), atol=1e-3)
+        ref.sum().backward()
+        got.sum().backward()
+    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=2e-2)
 
 
 def test_softmax_log_softmax_and_logsumexp():

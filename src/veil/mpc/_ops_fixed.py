@@ -599,7 +599,7 @@ def divide(a: Any, b: Any) -> FixedPrecisionTensor:
     return FPT(scale(child_of(a), 1.0 / float(b)), a.precision_bits, a.dtype)
 
 
-@implements(aten.div.Tensor, aten.div.Scalar)
+@implements(aten.div.Tensor, aten.div.Scalar, aten.true_divide.Tensor, aten.true_divide.Scalar)
 def _div(func: Any, args: Any, kwargs: Any) -> Any:
     if kwargs.get("rounding_mode") is not None:
         raise NotImplementedError(f"{func} with rounding_mode on a FixedPrecisionTensor")
@@ -626,6 +626,33 @@ def power(x: FixedPrecisionTensor, k: int) -> FixedPrecisionTensor:
         base = multiply(base, base)
 
 
+def quarter_power(x: FixedPrecisionTensor, e: float) -> FixedPrecisionTensor:
+    """``x ** e`` for positive ``x`` and a non-integer multiple ``e`` of 1/4 with
+    ``|e| <= 8`` (``nn.LocalResponseNorm``'s 0.75, ``LPPool``'s -0.5), as a product of
+    integer powers and roots: ``x^n sqrt(x) sqrt(sqrt(x))`` as needed for ``e > 0``, the
+    same of ``1/x`` and ``rsqrt(x)`` for ``e < 0`` (so no factor is a small number whose
+    reciprocal is taken). Domain and accuracy compose those of
+    :func:`~veil.mpc.approximations.sqrt`, ``rsqrt`` and ``reciprocal``: ``x`` in
+    [2^-14, 2^44), about 1e-4 relative plus a few units in the last place."""
+    from veil.mpc import approximations
+
+    whole, quarters = divmod(round(abs(e) * 4), 4)
+    if e > 0:
+        base, root = x, approximations.sqrt(x)
+    else:
+        base = approximations.reciprocal(x, positive=True) if whole else None
+        root = approximations.rsqrt(x)
+    parts = [power(base, whole)] if whole else []
+    if quarters != 2:
+        parts.append(approximations.sqrt(root))
+    if quarters != 1:
+        parts.append(root)
+    out = parts[0]
+    for p in parts[1:]:
+        out = multiply(out, p)
+    return out
+
+
 @implements(aten.pow.Tensor_Scalar)
 def _pow(func: Any, args: Any, kwargs: Any) -> Any:
     x, k = args[0], args[1]
@@ -637,13 +664,15 @@ def _pow(func: Any, args: Any, kwargs: Any) -> Any:
         from veil.mpc import approximations
 
         return approximations.sqrt(x)
-    if k == -1:
+    if isinstance(k, int) and -64 <= k < 0:
         from veil.mpc import approximations
 
-        return approximations.reciprocal(x)
+        return power(approximations.reciprocal(x), -k)
+    if isinstance(k, float) and (k * 4).is_integer() and abs(k) <= 8:
+        return quarter_power(x, k)
     raise NotImplementedError(
-        f"{func} with exponent {k!r}: only integer powers 0..64, 0.5 "
-        "and -1 are supported on a FixedPrecisionTensor"
+        f"{func} with exponent {k!r}: only integer powers -64..64 and multiples of 1/4 up "
+        "to 8 in magnitude (of positive values) are supported on a FixedPrecisionTensor"
     )
 
 

@@ -94,6 +94,63 @@ def _threshold_backward(func: Any, args: Any, kwargs: Any) -> Any:
     return FPT(V.product(child_of(grad), mask), grad.precision_bits, grad.dtype)
 
 
+@implements(aten.softshrink_backward, aten.hardshrink_backward)
+def _shrink_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    """The gradient of softshrink and hardshrink: ``grad`` where ``|x| > lambd`` (torch's
+    strict inequalities), else 0. One comparison batch (``x > l`` and ``x < -l`` together)
+    and one product."""
+    grad, x, lambd = args[0], args[1], args[2]
+    c = child_of(x)
+    lam = round(float(lambd) * (1 << x.precision_bits))
+    ge = V.sign(V.cat([V.sub(lam, c), V.add(c, lam)], "stack", 0))  # [l >= x], [x >= -l]
+    outside = V.sub(2, V.add(V.shape_op(ge, "select", 0, 0), V.shape_op(ge, "select", 0, 1)))
+    if type(grad) is not FPT:  # a public gradient
+        return multiply(FPT(outside, 0, torch.bool), grad)
+    return FPT(V.product(child_of(grad), outside), grad.precision_bits, grad.dtype)
+
+
+@implements(aten.softplus_backward)
+def _softplus_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    """The gradient of ``softplus(x) = log(1 + exp(beta x)) / beta``: ``grad *
+    sigmoid(beta x)`` (absolute error below 1e-4), and ``grad`` itself where ``beta x`` is
+    above ``threshold`` (softplus is ``x`` there, as in torch): one sigmoid, one comparison
+    and two products."""
+    grad, x, beta, threshold = args[0], args[1], float(args[2]), float(args[3])
+    bx = multiply(x, beta) if beta != 1.0 else x
+    slope = torch.where(compare(bx, threshold, "gt"), 1.0, A.sigmoid(bx))
+    return multiply(grad, slope)
+
+
+@implements(aten.rrelu_with_noise)
+def _rrelu(func: Any, args: Any, kwargs: Any) -> Any:
+    """``nn.RReLU`` in evaluation: a leaky ReLU of slope ``(lower + upper) / 2``. Training
+    draws a slope per negative input, which would write the secret signs into torch's plain
+    ``noise`` buffer: it raises."""
+    x, lower, upper, training = _rrelu_args(args, kwargs)
+    if training:
+        raise NotImplementedError(
+            f"{func} in training mode (its noise buffer would record which inputs are "
+            "negative); use nn.LeakyReLU, or RReLU in eval mode"
+        )
+    return torch.nn.functional.leaky_relu(x, (lower + upper) / 2)
+
+
+@implements(aten.rrelu_with_noise_backward)
+def _rrelu_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    grad, x, _, lower, upper, training = args[:6]
+    if training:
+        raise NotImplementedError(f"{func} in training mode")
+    return aten.leaky_relu_backward(grad, x, (lower + upper) / 2, False)
+
+
+def _rrelu_args(args: Any, kwargs: Any) -> tuple[Any, float, float, bool]:
+    names = ("self", "noise", "lower", "upper", "training")
+    a = dict(zip(names, (None, None, 0.125, 1.0 / 3.0, False)))
+    a.update(zip(names, args))
+    a.update({k: v for k, v in kwargs.items() if k in names})
+    return a["self"], float(a["lower"]), float(a["upper"]), bool(a["training"])
+
+
 # ---------------------------------------------------------------------- activations
 
 
