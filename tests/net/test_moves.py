@@ -260,3 +260,43 @@ def test_views_recurrent_layers_and_wide_roots_over_network_workers(pair):
         big = torch.tensor([1e-3, 2.0, 5e4])
         root = F.relu(big.fix_precision().share(alice, bob, **kw)).sqrt()
         torch.testing.assert_close(root.get().float_precision(), big.sqrt(), atol=1e-3, rtol=1e-4)
+
+
+def test_ragged_maxima_and_resampling_over_network_workers(pair):
+    """Ragged maxima (adaptive max pooling of unequal windows, scatter_reduce amax, a max
+    embedding bag) and resampling with public weights (bilinear upsampling), forward and
+    backward, over real worker processes."""
+    pytest.importorskip("veil.mpc")
+    import torch.nn.functional as F
+    from torch import nn
+
+    a, b, _, c, _ = pair
+    torch.manual_seed(10)
+    x = torch.randn(1, 2, 5, 3, requires_grad=True)
+    bag = nn.EmbeddingBag(6, 2, mode="max")
+    with (
+        connect(a.url, token=a.token, timeout=30) as alice,
+        connect(b.url, token=b.token, timeout=30) as bob,
+        connect(c.url, token=c.token, timeout=30) as carol,
+    ):
+        kw = {"crypto_provider": carol}
+        s = x.detach().fix_precision().share(alice, bob, **kw).requires_grad_()
+        for fn in (lambda t: F.adaptive_max_pool2d(t, (3, 2)),
+                   lambda t: F.interpolate(t, scale_factor=2, mode="bilinear")):
+            ref, got = fn(x), fn(s)
+            torch.testing.assert_close(got.get().float_precision(), ref.detach(), atol=1e-3,
+                                       rtol=0)
+            ref.sum().backward()
+            got.sum().backward()
+        torch.testing.assert_close(s.grad.get().float_precision(), x.grad, atol=2e-3, rtol=0)
+        index = torch.tensor([[0, 1], [0, 0], [2, 1]])
+        src = torch.randn(3, 2)
+        ref = x.detach()[0, 0, :3, :2].scatter_reduce(0, index, src, "amax")
+        got = s[0, 0, :3, :2].scatter_reduce(0, index, src.fix_precision().share(alice, bob, **kw),
+                                             "amax")
+        torch.testing.assert_close(got.get().float_precision(), ref, atol=1e-4, rtol=0)
+        idx, off = torch.tensor([1, 2, 5, 0]), torch.tensor([0, 3])
+        secure_bag = copy.deepcopy(bag).fix_precision().share(alice, bob, **kw)
+        torch.testing.assert_close(
+            secure_bag(idx, off).get().float_precision(), bag(idx, off).detach(), atol=1e-4, rtol=0
+        )
