@@ -197,6 +197,23 @@ def test_activation_layers_and_their_gradients(layer):
     assert torch.allclose(reveal(a.grad), x.grad.double(), atol=3e-3)
 
 
+def test_kl_divergence_with_shared_targets_and_its_gradient():
+    """Distillation's loss: a shared student's log-probabilities against a shared teacher's
+    probabilities (some exactly 0, where torch takes 0 log 0 = 0)."""
+    torch.manual_seed(6)
+    logits, teacher = torch.randn(4, 5).requires_grad_(), torch.softmax(torch.randn(4, 5), 1)
+    teacher[0, 1] = 0.0
+    a = sh(logits.detach()).requires_grad_()
+    ref = F.kl_div(F.log_softmax(logits, 1), teacher, reduction="batchmean")
+    got = F.kl_div(F.log_softmax(a, 1), sh(teacher), reduction="batchmean")
+    assert abs(float(reveal(got)) - float(ref.detach())) < 2e-3
+    ref.backward()
+    got.backward()
+    assert torch.allclose(reveal(a.grad), logits.grad.double(), atol=2e-3)
+    public = torch.xlogy(sh(teacher), teacher)  # a public y of 0 meets an x of 0
+    assert torch.allclose(reveal(public), torch.xlogy(teacher, teacher).double(), atol=1e-4)
+
+
 def test_rrelu_training_is_refused():
     with pytest.raises(NotImplementedError, match="training"):
         nn.RReLU().train()(sh(torch.randn(3)))
