@@ -7,6 +7,7 @@ Run (needs ``pip install expecttest``, which torch's test helpers import)::
     python tools/opinfo_audit.py            # forward, plaintext fixed point
     python tools/opinfo_audit.py --shared   # forward, shares among two simulated parties
     python tools/opinfo_audit.py --grad     # gradients too
+    python tools/opinfo_audit.py --raises   # also list what raises, and why
 
 It prints how many ops match, raise or mismatch, and each mismatch; the exit status is 1
 when an op mismatches that is not in :data:`UNSPECIFIED` (random ops, uninitialised memory,
@@ -186,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", action="store_true", help="secret-share the inputs")
     parser.add_argument("--grad", action="store_true", help="compare gradients too")
+    parser.add_argument("--raises", action="store_true",
+                        help="also list the ops that raise, with the start of their error")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     veil.mpc._methods.install()
     result = audit(args.shared, args.grad)
     print(f"match {len(result['match'])}, raise {len(result['raise'])}, "
           f"mismatch {len(result['mismatch'])}")
+    if args.raises:
+        for name, variant, what in result["raise"]:
+            print(f"  raises: {name}{'.' + variant if variant else ''}: {what}")
     unexpected = 0
     for name, variant, what in result["mismatch"]:
         known = name in UNSPECIFIED

@@ -573,6 +573,18 @@ def test_reductions_over_dim_0_of_a_scalar(shared_value):
         assert index.shape == ()
     assert torch.argmax(enc(x), 0).shape == ()
     assert dec(torch.sort(enc(x), 0)[0]).item() == 2.5
+    for reduced in (torch.amax(enc(x), 0, True), torch.amin(enc(x), 0), torch.aminmax(enc(x))[1],
+                    torch.logsumexp(enc(x), 0)):
+        assert dec(reduced).item() == 2.5
+
+
+@pytest.mark.parametrize(
+    ("dims", "keepdim"), [((0, 2), False), ((1, 2), True), ((-1, 0, 1), False)]
+)
+def test_logsumexp_over_several_dims(dims, keepdim):
+    x = torch.randn(2, 3, 4) * 3
+    got = torch.logsumexp(sh(x), dims, keepdim)
+    assert torch.allclose(reveal(got), torch.logsumexp(x, dims, keepdim).double(), atol=3e-3)
 
 
 @settings(max_examples=25, deadline=None)

@@ -309,13 +309,25 @@ def _softmax(func: Any, args: Any, kwargs: Any) -> Any:
 
 @implements(aten.logsumexp)
 def _logsumexp(func: Any, args: Any, kwargs: Any) -> Any:
+    """``logsumexp`` over one or more dims (several, or none meaning all, are flattened into
+    one) or of a scalar (itself)."""
     x = args[0]
     dims = args[1] if len(args) > 1 else kwargs.get("dim", [])
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     dims = [dims] if isinstance(dims, int) else list(dims)
-    if len(dims) != 1:
-        raise NotImplementedError(f"{func} over {len(dims)} dims (one at a time is supported)")
-    return A.logsumexp(x, dims[0], keepdim)
+    if x.dim() == 0:
+        return _copy_scalar(x)
+    dims = sorted({d % x.dim() for d in dims} if dims else set(range(x.dim())))
+    if len(dims) == 1:
+        return A.logsumexp(x, dims[0], keepdim)
+    rest = [d for d in range(x.dim()) if d not in dims]
+    c = V.shape_op(child_of(x), "permute", rest + dims)
+    c = V.shape_op(c, "reshape", [*(x.shape[d] for d in rest), -1])
+    out = A.logsumexp(FPT(c, x.precision_bits, x.dtype), -1, False)
+    if keepdim:
+        kept = [1 if d in dims else x.shape[d] for d in range(x.dim())]
+        out = FPT(V.shape_op(child_of(out), "reshape", kept), x.precision_bits, x.dtype)
+    return out
 
 
 @implements(aten._log_softmax)
@@ -462,6 +474,8 @@ def _copy_scalar(x: FixedPrecisionTensor) -> FixedPrecisionTensor:
 @implements(aten.max.default, aten.amax)
 def _max_all(func: Any, args: Any, kwargs: Any) -> Any:
     x = args[0]
+    if x.dim() == 0:  # a scalar's maximum over dim 0, -1 or all: itself
+        return _copy_scalar(x)
     if func.overloadpacket is aten.amax:
         dims = args[1] if len(args) > 1 else kwargs.get("dim", [])
         keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
