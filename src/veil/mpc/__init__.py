@@ -21,6 +21,7 @@ shares are then local tensors, an in-process simulation of the same protocols.
 from veil.mpc import (  # noqa: F401
     _methods,
     _ops_attention,
+    _ops_combine,
     _ops_conv,
     _ops_distance,
     _ops_embedding,

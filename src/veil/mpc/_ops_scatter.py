@@ -1,6 +1,7 @@
-"""Writes at public positions on FixedPrecisionTensors: ``x[idx] = v`` (``index_put``),
-``index_add``, ``scatter_add`` and ``scatter_reduce`` with ``sum``, ``mean``, ``amax`` or
-``amin`` (the aggregations of message-passing graph networks).
+"""Writes (and masked reads) at public positions on FixedPrecisionTensors: ``x[idx] = v``
+(``index_put``), ``index_add``, ``scatter_add``, ``scatter_reduce`` and ``index_reduce``
+with ``sum``, ``mean``, ``amax`` or ``amin`` (the aggregations of message-passing graph
+networks), and ``masked_select``/``masked_scatter`` at public masks.
 
 The positions are public (they say where values go, as an index says which rows are read).
 Every write but the maxima is local to the parties: each writes its share of the source
@@ -127,6 +128,74 @@ def _scatter_reduce(func: Any, args: Any, kwargs: Any) -> Any:
         return total
     return FPT(scale_each(child_of(total), 1.0 / (counts + keep).clamp(min=1).double()),
                total.precision_bits, total.dtype)
+
+
+@implements(aten.index_reduce.default)
+def _index_reduce(func: Any, args: Any, kwargs: Any) -> Any:
+    """``x.index_reduce(dim, index, source, reduce, include_self=...)``: ``scatter_reduce``
+    with the public 1-D ``index`` spread along ``dim`` over ``source``'s shape (``mean``,
+    ``amax``, ``amin``; ``prod`` raises)."""
+    x, dim, index, source, reduce = args[:5]
+    include_self = args[5] if len(args) > 5 else kwargs.get("include_self", True)
+    if type(index) is not torch.Tensor:
+        raise NotImplementedError(f"{func}: secret indices")
+    dim = dim % max(source.dim(), 1)
+    shape = [1] * source.dim()
+    shape[dim] = -1
+    spread = index.reshape(shape).expand(tuple(source.shape))
+    return _scatter_reduce(aten.scatter_reduce.two, (x, dim, spread, source, reduce),
+                           {"include_self": include_self})
+
+
+@implements(aten.masked_select.default)
+def _masked_select(func: Any, args: Any, kwargs: Any) -> Any:
+    """``x[mask]`` for a public boolean ``mask`` (broadcast with ``x``): which positions
+    are read is public, as for any index. A secret mask raises: the result's length
+    would reveal how many are set."""
+    x, mask = args[0], args[1]
+    if type(mask) is not torch.Tensor:
+        raise NotImplementedError(
+            f"{func}: a secret mask (the result's length would reveal how many are set)"
+        )
+    shape = torch.broadcast_shapes(tuple(x.shape), tuple(mask.shape))
+    c = child_of(x) if type(x) is FPT else x
+    c = V.shape_op(c, "expand", list(shape))
+    return FPT(V.shape_op(c, "index", [mask.expand(shape)]), x.precision_bits, x.dtype)
+
+
+def _masked_scatter(func: Any, x: Any, mask: Any, source: Any) -> FixedPrecisionTensor:
+    if type(mask) is not torch.Tensor:
+        raise NotImplementedError(f"{func}: a secret mask")
+    mask = mask.expand(tuple(x.shape))
+    count = int(mask.sum())
+    values = source.reshape(-1)[:count]
+    return written_at(x, values, "put", ([mask], False))
+
+
+@implements(aten.masked_scatter.default)
+def _masked_scatter_op(func: Any, args: Any, kwargs: Any) -> Any:
+    """``x.masked_scatter(mask, source)`` for a public ``mask``: the first ``mask.sum()``
+    values of ``source``, in order, written where ``mask`` is set (local; the gradient of
+    ``masked_select``)."""
+    return _masked_scatter(func, args[0], args[1], args[2])
+
+
+@implements(aten.masked_scatter_.default)
+def _masked_scatter_inplace(func: Any, args: Any, kwargs: Any) -> Any:
+    return _inplace(_masked_scatter(func, args[0], args[1], args[2]), args[0])
+
+
+@implements(aten.masked_scatter_backward.default)
+def _masked_scatter_backward(func: Any, args: Any, kwargs: Any) -> Any:
+    """The gradient of ``masked_scatter``'s source: the output gradient where the public
+    mask is set, in order, then zeros for the source's unused values."""
+    grad, mask, sizes = args[0], args[1], [int(s) for s in args[2]]
+    picked = _masked_select(func, (grad, mask), {})
+    total = 1
+    for s in sizes:
+        total *= s
+    c = V.shape_op(child_of(picked), "constant_pad_nd", [0, total - picked.numel()], 0)
+    return FPT(V.shape_op(c, "reshape", sizes), grad.precision_bits, grad.dtype)
 
 
 def scatter_extreme(
