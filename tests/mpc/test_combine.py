@@ -78,6 +78,7 @@ def test_masked_select_at_a_public_mask(n, m, data):
         torch.masked_select(sh(x), sh(x) > 0)
 
 
+@pytest.mark.filterwarnings("ignore:index_reduce")  # torch: "in beta"
 @settings(max_examples=15, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 5), st.sampled_from(["mean", "amax", "amin"]),
        st.booleans(), st.data())
