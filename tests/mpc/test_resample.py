@@ -127,3 +127,12 @@ def test_replication_padding_and_its_gradient(d, data):
     ref.backward(g)
     got.backward(sh(g))
     assert torch.allclose(reveal(a.grad), x.grad.double(), atol=d * 2 * ULP)
+
+
+def test_the_weights_of_a_large_image_come_from_a_small_basis():
+    """A 300x400 image: the basis torch's kernel runs on holds n_j one-hot rows of one or two
+    places along the other axes, not n_j copies of the image (which would be 0.4 GB)."""
+    x = torch.randn(1, 1, 300, 400)
+    got = F.interpolate(x.fix_precision(), size=(150, 500), mode="bilinear", antialias=True)
+    ref = F.interpolate(x, size=(150, 500), mode="bilinear", antialias=True)
+    assert torch.allclose(got.float_precision(), ref, atol=1e-3)

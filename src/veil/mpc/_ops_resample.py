@@ -85,23 +85,46 @@ _BACKWARD = {b: f for f in _FORWARD if (b := _packet_backward(f)) is not None}
 def _axis_matrices(op: Any, spatial: tuple[int, ...],
                    extra: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
     """``A_j`` (outputs x inputs) for each spatial axis, from torch's kernel
-    ``op(input, *extra)`` run on a float64 basis that is one-hot along axis ``j`` and
-    constant along the others."""
+    ``op(input, *extra)`` run on a float64 basis: one-hot along axis ``j``, and every other
+    axis cut to one or two places mapped onto as many (see :func:`_one_axis`), which every
+    one of these kernels passes through unchanged. The basis holds ``n_j`` to ``4 n_j``
+    values, whatever the other axes' sizes."""
     d = len(spatial)
     out = []
     for j, n in enumerate(spatial):
-        shape = [1] * d
+        args, sizes = _one_axis(op, extra, j, d)
+        shape = list(sizes)
         shape[j] = n
-        onehot = torch.eye(n, dtype=torch.float64).view(n, 1, *shape)
-        basis = onehot.expand(n, 1, *spatial).contiguous()
-        result = op(basis, *extra)  # (n, 1, *outputs)
-        if result.numel() == 0:  # an empty output: its matrices have no entries to read
-            out.append(torch.zeros(result.shape[2 + j], n, dtype=torch.float64))
-            continue
-        pick = [0] * d
-        pick[j] = slice(None)
+        onehot = torch.eye(n, dtype=torch.float64).view(n, 1, *[n if k == j else 1
+                                                               for k in range(d)])
+        result = op(onehot.expand(n, 1, *shape).contiguous(), *args)
+        pick = [slice(None) if k == j else 0 for k in range(d)]
         out.append(result[(slice(None), 0, *pick)].t().contiguous())  # (outputs_j, n)
     return tuple(out)
+
+
+def _one_axis(op: Any, extra: tuple[Any, ...], j: int,
+              d: int) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """``op``'s arguments after the input for a basis whose axes other than ``j`` are cut
+    short, and those axes' sizes: an axis whose output has one place keeps one (torch's
+    antialiased kernels take another path for an output of one, so the cut copies it),
+    any other two, mapped onto themselves (output size 2, no scale, no padding)."""
+    names = [a.name for a in op._schema.arguments[1 : 1 + len(extra)]]
+    scales = ["scales"] if d == 1 else ["scales_d", "scales_h", "scales_w"][3 - d :]
+    sizes = [1] * d
+    if "output_size" in names:
+        out_size = extra[names.index("output_size")]
+        sizes = [1 if o == 1 else 2 for o in out_size]
+    args = []
+    for name, value in zip(names, extra):
+        if name == "output_size":
+            value = tuple(v if k == j else sizes[k] for k, v in enumerate(value))
+        elif name == "padding":  # pairs for the last axis first
+            value = tuple(v if (d - 1 - i // 2) == j else 0 for i, v in enumerate(value))
+        elif name in scales and scales.index(name) != j:
+            value = None
+        args.append(value)
+    return tuple(args), tuple(sizes)
 
 
 def _apply(x: FixedPrecisionTensor, mats: tuple[torch.Tensor, ...], exact: bool,
