@@ -27,6 +27,22 @@ def sh(x: torch.Tensor):
     return shared(x, PARTIES, PROVIDER)
 
 
+def _check(fn, x: torch.Tensor, tol: float, grad_tol: float, expected_grad=None) -> None:
+    """``fn`` on a shared copy of ``x`` against torch: shape, values, and the gradient for a
+    random output gradient (torch's, or ``expected_grad(g)`` when given)."""
+    x = x.clone().requires_grad_()
+    ref = fn(x)
+    a = sh(x.detach()).requires_grad_()
+    got = fn(a)
+    assert got.shape == ref.shape
+    assert torch.allclose(reveal(got), ref.double(), atol=tol)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    expected = expected_grad(g) if expected_grad else x.grad.double()
+    assert torch.allclose(reveal(a.grad), expected, atol=grad_tol)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 3), st.data())
 def test_interpolate_and_its_gradient_match_torch(d, data):
@@ -42,21 +58,13 @@ def test_interpolate_and_its_gradient_match_torch(d, data):
     if mode in ("bilinear", "bicubic") and data.draw(st.booleans()):
         kw["antialias"] = True
     torch.manual_seed(data.draw(st.integers(0, 1000)))
-    x = (torch.randn(2, 2, *spatial) * 4).requires_grad_()
-    ref = F.interpolate(x, mode=mode, **kw)
-    a = sh(x.detach()).requires_grad_()
-    got = F.interpolate(a, mode=mode, **kw)
-    assert got.shape == ref.shape
     exact = mode.startswith("nearest")
     # weights encoded at 16 bits: 2^-17 per weight times |x| <= 16, a few taps, one rounding
     # per axis
     tol = 2 * d * ULP if exact else 1e-3
-    assert torch.allclose(reveal(got), ref.double(), atol=tol)
-    g = torch.randn(ref.shape)
-    ref.backward(g)
-    got.backward(sh(g))
-    expected = _adjoint(mode, kw, spatial, g) if kw.get("antialias") else x.grad.double()
-    assert torch.allclose(reveal(a.grad), expected, atol=tol if exact else 2e-3)
+    adjoint = (lambda g: _adjoint(mode, kw, spatial, g)) if kw.get("antialias") else None
+    _check(lambda t: F.interpolate(t, mode=mode, **kw), torch.randn(2, 2, *spatial) * 4, tol,
+           tol if exact else 2e-3, adjoint)
 
 
 def _adjoint(mode: str, kw: dict, spatial: tuple[int, ...], g: torch.Tensor) -> torch.Tensor:
@@ -99,16 +107,8 @@ def test_adaptive_avg_pooling_of_any_size_and_its_gradient(d, batched, data):
     size = tuple(data.draw(st.integers(1, n + 2)) for n in spatial)
     pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[d - 1]
     torch.manual_seed(data.draw(st.integers(0, 1000)))
-    x = (torch.randn(*((2, 3) if batched else (3,)), *spatial) * 4).requires_grad_()
-    ref = pool(x, size)
-    a = sh(x.detach()).requires_grad_()
-    got = pool(a, size)
-    assert got.shape == ref.shape
-    assert torch.allclose(reveal(got), ref.double(), atol=1e-3)
-    g = torch.randn(ref.shape)
-    ref.backward(g)
-    got.backward(sh(g))
-    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=2e-3)
+    x = torch.randn(*((2, 3) if batched else (3,)), *spatial) * 4
+    _check(lambda t: pool(t, size), x, 1e-3, 2e-3)
 
 
 @settings(max_examples=20, deadline=None)
@@ -118,15 +118,8 @@ def test_replication_padding_and_its_gradient(d, data):
     spatial = tuple(data.draw(st.lists(st.integers(3, 5), min_size=d, max_size=d)))
     pads = data.draw(st.lists(st.integers(-1, 3), min_size=2 * d, max_size=2 * d))
     torch.manual_seed(data.draw(st.integers(0, 1000)))
-    x = (torch.randn(2, 2, *spatial) * 4).requires_grad_()
-    ref = F.pad(x, pads, mode="replicate")
-    a = sh(x.detach()).requires_grad_()
-    got = F.pad(a, pads, mode="replicate")
-    assert torch.allclose(reveal(got), ref.double(), atol=ULP)
-    g = torch.randn(ref.shape)
-    ref.backward(g)
-    got.backward(sh(g))
-    assert torch.allclose(reveal(a.grad), x.grad.double(), atol=d * 2 * ULP)
+    _check(lambda t: F.pad(t, pads, mode="replicate"), torch.randn(2, 2, *spatial) * 4, ULP,
+           d * 2 * ULP)
 
 
 def test_the_weights_of_a_large_image_come_from_a_small_basis():

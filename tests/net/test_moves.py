@@ -215,6 +215,18 @@ def _two_sgd_steps(model, x, y):
     return loss
 
 
+@contextlib.contextmanager
+def _parties_and_dealer(pair):
+    """Connections to alice and bob (the parties) and carol (the dealer)."""
+    a, b, _, c, _ = pair
+    with (
+        connect(a.url, token=a.token, timeout=30) as alice,
+        connect(b.url, token=b.token, timeout=30) as bob,
+        connect(c.url, token=c.token, timeout=30) as carol,
+    ):
+        yield alice, bob, carol
+
+
 def test_views_recurrent_layers_and_wide_roots_over_network_workers(pair):
     """This session's local share ops over real worker processes: writes through views and
     masks (slice/select/diagonal scatters, index_put with None in the indices), an LSTM
@@ -223,16 +235,11 @@ def test_views_recurrent_layers_and_wide_roots_over_network_workers(pair):
     import torch.nn.functional as F
     from torch import nn
 
-    a, b, _, c, _ = pair
     torch.manual_seed(9)
     x = torch.randn(3, 4)
     lstm = nn.LSTM(4, 2)
     bag = nn.EmbeddingBag(6, 2, mode="mean")
-    with (
-        connect(a.url, token=a.token, timeout=30) as alice,
-        connect(b.url, token=b.token, timeout=30) as bob,
-        connect(c.url, token=c.token, timeout=30) as carol,
-    ):
+    with _parties_and_dealer(pair) as (alice, bob, carol):
         kw = {"crypto_provider": carol}
         s = x.fix_precision().share(alice, bob, **kw)
         plain = x.clone()
@@ -270,15 +277,10 @@ def test_ragged_maxima_and_resampling_over_network_workers(pair):
     import torch.nn.functional as F
     from torch import nn
 
-    a, b, _, c, _ = pair
     torch.manual_seed(10)
     x = torch.randn(1, 2, 5, 3, requires_grad=True)
     bag = nn.EmbeddingBag(6, 2, mode="max")
-    with (
-        connect(a.url, token=a.token, timeout=30) as alice,
-        connect(b.url, token=b.token, timeout=30) as bob,
-        connect(c.url, token=c.token, timeout=30) as carol,
-    ):
+    with _parties_and_dealer(pair) as (alice, bob, carol):
         kw = {"crypto_provider": carol}
         s = x.detach().fix_precision().share(alice, bob, **kw).requires_grad_()
         for fn in (lambda t: F.adaptive_max_pool2d(t, (3, 2)),
