@@ -1,12 +1,15 @@
-"""lerp, addbmm, addr, masked_select, masked_scatter and index_reduce on shared values,
-forward and backward, against torch."""
+"""lerp, addbmm, addr, nn.Bilinear, masked_select, masked_scatter and index_reduce on shared
+values, forward and backward, against torch."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from tests.mpc.helpers import local_parties, reveal, shared, tensors
 
@@ -88,3 +91,22 @@ def test_index_reduce_at_public_indices(n, k, reduce, include_self, data):
     ref = x.index_reduce(1, index, src, reduce, include_self=include_self)
     got = sh(x).index_reduce(1, index, sh(src), reduce, include_self=include_self)
     assert torch.allclose(reveal(got), ref.double(), atol=TOL)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.data())
+def test_bilinear_layer_and_its_gradients(n, d1, d2, out, data):
+    """``nn.Bilinear`` runs as ``_trilinear`` forward and backward (weights shared too)."""
+    torch.manual_seed(data.draw(st.integers(0, 100)))
+    layer = nn.Bilinear(d1, d2, out)
+    secure = copy.deepcopy(layer).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
+    x1, x2 = data.draw(tensors((n, d1), 2.0)), data.draw(tensors((n, d2), 2.0))
+    p1, p2 = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+    s1, s2 = sh(x1).requires_grad_(), sh(x2).requires_grad_()
+    ref, got = layer(p1, p2), secure(s1, s2)
+    assert torch.allclose(reveal(got), ref.detach().double(), atol=1e-3)
+    g = torch.randn(ref.shape)
+    ref.backward(g)
+    got.backward(sh(g))
+    for s, p in ((s1, p1), (s2, p2), (secure.weight, layer.weight), (secure.bias, layer.bias)):
+        assert torch.allclose(reveal(s.grad), p.grad.double(), atol=2e-3)

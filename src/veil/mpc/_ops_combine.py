@@ -1,6 +1,6 @@
 """Linear combinations and accumulated products on FixedPrecisionTensors: ``lerp`` (and
 ``lerp_``, the exponential moving average of weights: ``ema.lerp_(w, 1 - decay)``),
-``addbmm`` and ``addr``.
+``addbmm``, ``addr`` and ``_trilinear`` (``nn.Bilinear``).
 
 Each is the composition torch documents, in veil's own products: a public weight costs one
 truncation (``lerp``'s ``start + w (end - start)``), a shared one a Beaver product; the
@@ -73,6 +73,22 @@ def _addr(func: Any, args: Any, kwargs: Any) -> Any:
     base, v1, v2 = args[0], args[1], args[2]
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     return _scaled_sum(base, matmul(v1.reshape(-1, 1), v2.reshape(1, -1)), beta, alpha)
+
+
+@implements(aten._trilinear)
+def _trilinear(func: Any, args: Any, kwargs: Any) -> Any:
+    """``nn.Bilinear``'s ``x1^T W x2`` (and its gradients, the same op): each operand gets
+    size-1 dims at its ``expand`` positions, the three are multiplied with broadcasting
+    (two Beaver products; a public operand costs a truncation only) and summed over
+    ``sumdim``."""
+    i1, i2, i3, e1, e2, e3, sumdim = args[:7]
+    parts = []
+    for t, expand in ((i1, e1), (i2, e2), (i3, e3)):
+        for d in sorted(expand):
+            t = t.unsqueeze(d)
+        parts.append(t)
+    out = multiply(multiply(parts[0], parts[1]), parts[2])
+    return out.sum(list(sumdim)) if len(sumdim) else out
 
 
 __all__ = ["lerp"]
