@@ -137,11 +137,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return limb_matmul(a, b)
     threads = torch.get_num_threads()
     if (threads > 1 and a.dim() >= 2 and b.dim() >= 2 and a.device.type == "cpu"
-            and a.numel() and b.numel()):
+            and a.numel() and b.numel()
+            and max(a.numel() * b.shape[-1], b.numel() * a.shape[-2]) >= PARALLEL_MIN_WORK):
+        # (the multiply-adds, without the batch's broadcasting: checked first, as every
+        # ring product of a training step comes through here and most are small)
         rows = a.numel() // a.shape[-1] if b.dim() == 2 else a.shape[-2]
         threads = min(threads, max(rows // _ROWS_PER_BLOCK, _batch(a, b)))
-        work = max(a.numel(), b.numel() // b.shape[-1] * a.shape[-2]) * b.shape[-1]
-        if threads > 1 and work >= PARALLEL_MIN_WORK:
+        if threads > 1:
             return _threaded_matmul(a, b, threads)
     return torch.matmul(a, b)
 
