@@ -183,12 +183,6 @@ class SecretIndices(torch.Tensor):
         return f"SecretIndices(shape={tuple(self.shape)})"
 
 
-#: Ring value of the padding of a max pooling: below every value the comparisons order
-#: exactly (they need differences below 2^62, so inputs with ``|x| < 2^61`` ring units,
-#: ``2^45`` at 16 fractional bits), so a window's maximum is never padding.
-_POOL_PAD = R.PAD
-
-
 def _pool_geometry(size: int, k: int, stride: int, pad: int, ceil_mode: bool) -> tuple[int, int]:
     """``(outputs, extra)`` along one axis: torch's output size, and the padding to add
     after the input beyond ``pad`` so that every window lies inside the padded axis."""
@@ -263,7 +257,7 @@ def _max_pool(func: Any, args: Any, kwargs: Any) -> Any:
         c = V.shape_op(c, "unsqueeze", 0)
     if any(padding) or any(extra):
         c = V.shape_op(c, "constant_pad_nd", _far_pads(extra, padding), 0)
-        border = torch.full(tuple(c.shape), _POOL_PAD, dtype=torch.int64)
+        border = torch.full(tuple(c.shape), R.PAD, dtype=torch.int64)  # never a maximum
         border[(..., *(slice(p, p + n) for p, n in zip(padding, size)))] = 0
         c = V.add(c, border)
     padded = tuple(c.shape[2:])
