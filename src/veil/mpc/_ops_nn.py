@@ -165,22 +165,6 @@ implements(aten.sigmoid)(_unary(A.sigmoid))
 implements(aten.tanh)(_unary(A.tanh))
 implements(aten.exp)(_unary(A.exp))
 implements(aten.log)(_unary(A.log))
-
-
-@implements(aten.xlogy.Tensor)
-def _xlogy(func: Any, args: Any, kwargs: Any) -> Any:
-    """``x * log(y)``, 0 where ``x`` is 0 (``F.kl_div``'s ``target * log(target)``): one
-    logarithm (2e-5 absolute on [2^-14, 2^44)) and one product. Where ``x`` is 0 the
-    product is exactly 0 whatever the logarithm gave, so ``y`` may be 0 there, as in torch;
-    a public ``y`` of 0 counts as ``log(y) = 0`` (its ``x`` must be 0, where torch gives
-    -inf otherwise)."""
-    x, y = args[0], args[1]
-    if type(y) is FPT:
-        log_y = A.log(y)
-    else:
-        y = torch.as_tensor(y, dtype=torch.float64)
-        log_y = torch.where(y == 0, 0.0, torch.log(y))
-    return multiply(x, log_y)
 implements(aten.reciprocal)(_unary(A.reciprocal))
 implements(aten.sqrt)(_unary(A.sqrt))
 implements(aten.rsqrt)(_unary(A.rsqrt))
@@ -207,6 +191,22 @@ for _fn, _op in (
     (A.erf, aten.erf_),
 ):
     implements(_op)(_unary_(_fn))
+
+
+@implements(aten.xlogy.Tensor)
+def _xlogy(func: Any, args: Any, kwargs: Any) -> Any:
+    """``x * log(y)``, 0 where ``x`` is 0 (``F.kl_div``'s ``target * log(target)``): one
+    logarithm (2e-5 absolute on [2^-14, 2^44)) and one product. Where ``x`` is 0 the
+    product is exactly 0 whatever the logarithm gave, so ``y`` may be 0 there, as in torch;
+    a public ``y`` of 0 counts as ``log(y) = 0`` (its ``x`` must be 0, where torch gives
+    -inf otherwise)."""
+    x, y = args[0], args[1]
+    if type(y) is FPT:
+        log_y = A.log(y)
+    else:
+        y = torch.as_tensor(y, dtype=torch.float64)
+        log_y = torch.where(y == 0, 0.0, torch.log(y))
+    return multiply(x, log_y)
 
 
 @implements(aten.log_sigmoid)
