@@ -51,6 +51,16 @@ def reveal(x: veil.mpc.FixedPrecisionTensor) -> torch.Tensor:
     return x.get().float_precision().double()
 
 
+def train_mse(model: torch.nn.Module, x: Any, y: Any, steps: int, lr: float) -> None:
+    """``steps`` SGD steps of ``model`` on the MSE of ``model(x)`` against ``y`` (plain or
+    shared alike), for tests that train a plain model and its secure copy side by side."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
 def shapes(max_dims: int = 3, max_side: int = 5) -> st.SearchStrategy[tuple[int, ...]]:
     return st.lists(st.integers(1, max_side), min_size=1, max_size=max_dims).map(tuple)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.mpc.helpers import local_parties, reveal, shared, tensors
+from tests.mpc.helpers import local_parties, reveal, shared, tensors, train_mse
 
 PARTIES, PROVIDER = local_parties(2)
 
@@ -77,11 +77,7 @@ def test_multihead_attention_and_a_transformer_layer_train_like_plaintext():
     layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
     secure = copy.deepcopy(layer).fix_precision().share(*PARTIES, crypto_provider=PROVIDER)
     for model, xb, yb in ((layer, x, y), (secure, sh(x), sh(y))):
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        for _ in range(2):
-            opt.zero_grad()
-            F.mse_loss(model(xb), yb).backward()
-            opt.step()
+        train_mse(model, xb, yb, steps=2, lr=0.05)
     for p, q in zip(secure.parameters(), layer.parameters(), strict=True):
         assert torch.allclose(reveal(p), q.detach().double(), atol=TOL)
     mha = nn.MultiheadAttention(6, 2, batch_first=True)

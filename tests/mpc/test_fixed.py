@@ -19,6 +19,7 @@ from tests.mpc.helpers import (
     shaped_tensors,
     shared,
     tensors,
+    train_mse,
     worker_parties,
 )
 from veil.mpc import FixedPrecisionTensor
@@ -233,11 +234,7 @@ def test_more_parties_over_workers(n, serialize):
     secure = model.fix_precision().share(*parties, crypto_provider=provider)
     y = torch.randn(4, 1)
     for net, inputs, target in ((plain, x, y), (secure, a, shared(y, parties, provider))):
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        for _ in range(2):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(net(inputs), target).backward()
-            opt.step()
+        train_mse(net, inputs, target, steps=2, lr=0.1)
     for p, q in zip(secure.parameters(), plain.parameters(), strict=True):
         assert torch.allclose(reveal(p), q.detach().double(), atol=1e-3)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.mpc.helpers import local_parties, reveal, shared, tensors
+from tests.mpc.helpers import local_parties, reveal, shared, tensors, train_mse
 
 PARTIES, PROVIDER = local_parties(2)
 
@@ -82,11 +82,7 @@ def test_an_lstm_classifier_trains_like_plaintext():
     x, y = torch.randn(4, 5, 3), torch.tensor([0, 1, 1, 0])
     onehot = F.one_hot(y, 2).float()
     for m, xb, yb in ((model, x, onehot), (secure, sh(x), sh(onehot))):
-        opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        for _ in range(3):
-            opt.zero_grad()
-            F.mse_loss(m(xb), yb).backward()
-            opt.step()
+        train_mse(m, xb, yb, steps=3, lr=0.5)
     for p, q in zip(model.parameters(), secure.parameters(), strict=True):
         assert torch.allclose(reveal(q.detach()), p.detach().double(), atol=TOL)
 
